@@ -1,0 +1,555 @@
+//! The frame codec: length prefix, compression flag, LZ4 block, size limits.
+//!
+//! Owns the byte layout of one frame (see `PROTOCOL.md`, "Frames") and nothing else:
+//! no I/O, no buffering policy. [`FrameCodec::encode`] appends to a caller's buffer,
+//! [`FrameCodec::decode`] takes whole frames off the front of one, and the
+//! `tokio_util::codec` traits sit on top for use with `FramedRead`/`FramedWrite`.
+//!
+//! ```text
+//! plain:       [u32 LE: 0 | len (31 bits)] [len bytes of payload]
+//! compressed:  [u32 LE: 1 | len (31 bits)] [u32 LE: uncompressed len] [LZ4 block: len - 4 bytes]
+//! ```
+//!
+//! Bad input never allocates more than a small bound: a header is checked against the
+//! limit before anything is reserved, the decoder never reserves room for a length a
+//! peer claims (the caller's buffer grows with bytes that actually arrived), and an
+//! uncompressed length is checked against the limit *and* against the largest output
+//! LZ4 can produce from the bytes received before the output is allocated.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::error::{Error, Result};
+
+/// Default largest frame, compressed or not, in bytes: 100 MiB, as in Go's chanserv.
+pub const FRAME_SIZE_LIMIT: usize = 100 * 1024 * 1024;
+
+/// Largest limit the wire format can express: the length field has 31 bits.
+pub const MAX_FRAME_SIZE_LIMIT: usize = 0x7FFF_FFFF;
+
+/// Frames shorter than this are never compressed: LZ4 cannot win enough on them to pay
+/// for the 4-byte uncompressed length and the time spent.
+pub const COMPRESSION_THRESHOLD: usize = 512;
+
+/// Plain payloads of at least this size are returned by [`FrameCodec::encode_split`]
+/// for the caller to write after the header, instead of being copied into the buffer.
+pub const SPLIT_PAYLOAD_SIZE: usize = 32 * 1024;
+
+/// Bytes of a frame header.
+pub const HEADER_LEN: usize = 4;
+
+const FLAG_LZ4: u32 = 0x8000_0000;
+const LEN_MASK: u32 = 0x7FFF_FFFF;
+
+/// Header word that ends a chanserv stream cleanly. It is never a valid frame header
+/// (a compressed frame carries at least its 4-byte uncompressed length).
+pub(crate) const WORD_END: u32 = FLAG_LZ4;
+/// Header word that aborts a chanserv stream; a plain frame with the reason follows.
+pub(crate) const WORD_ABORT: u32 = FLAG_LZ4 | 1;
+
+/// LZ4 emits at most 255 output bytes per input byte (a run-length byte of 255); the
+/// slack covers the last literals. An uncompressed length above this bound is a lie.
+fn lz4_max_output(compressed: usize) -> usize {
+    compressed.saturating_mul(255).saturating_add(64)
+}
+
+/// One item of a chanserv stream as seen by [`FrameCodec::decode_item`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A frame's payload.
+    Frame(Bytes),
+    /// The sender finished the stream cleanly.
+    End,
+    /// The sender gave up on the stream, with its reason.
+    Abort(String),
+}
+
+/// Frame encoder and decoder with a size limit and optional LZ4 compression.
+///
+/// `Default` is [`FRAME_SIZE_LIMIT`], compression off. Cheap to clone; holds no buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameCodec {
+    limit: usize,
+    compress: bool,
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        FrameCodec {
+            limit: FRAME_SIZE_LIMIT,
+            compress: false,
+        }
+    }
+}
+
+impl FrameCodec {
+    /// A codec with the default limit and compression off.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the largest frame (both its wire length and its uncompressed length).
+    ///
+    /// # Panics
+    /// If `limit` is above [`MAX_FRAME_SIZE_LIMIT`] (2^31 − 1), which the header cannot
+    /// express.
+    pub fn with_limit(mut self, limit: usize) -> Self {
+        assert!(
+            limit <= MAX_FRAME_SIZE_LIMIT,
+            "frame size limit {limit} is above the wire format's 2^31-1"
+        );
+        self.limit = limit;
+        self
+    }
+
+    /// Compresses frames with LZ4 when that makes them smaller (frames under
+    /// [`COMPRESSION_THRESHOLD`] are always sent plain). Decoding accepts both always.
+    pub fn with_compression(mut self, on: bool) -> Self {
+        self.compress = on;
+        self
+    }
+
+    /// The configured limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Whether the encoder compresses.
+    pub fn compression(&self) -> bool {
+        self.compress
+    }
+
+    /// Appends one frame to `dst`.
+    pub fn encode(&self, payload: &[u8], dst: &mut BytesMut) -> Result<()> {
+        self.check_len(payload.len())?;
+        if self.compress && payload.len() >= COMPRESSION_THRESHOLD && self.try_compress(payload, dst)
+        {
+            return Ok(());
+        }
+        dst.reserve(HEADER_LEN + payload.len());
+        dst.put_u32_le(payload.len() as u32);
+        dst.put_slice(payload);
+        Ok(())
+    }
+
+    /// Like [`encode`](Self::encode), but a large plain payload is not copied: its header
+    /// goes into `dst` and the payload comes back, to be written right after `dst`.
+    pub fn encode_split(&self, payload: Bytes, dst: &mut BytesMut) -> Result<Option<Bytes>> {
+        if payload.len() < SPLIT_PAYLOAD_SIZE || self.compress {
+            self.encode(&payload, dst)?;
+            return Ok(None);
+        }
+        self.check_len(payload.len())?;
+        dst.put_u32_le(payload.len() as u32);
+        Ok(Some(payload))
+    }
+
+    /// Appends the word that ends a stream cleanly.
+    pub(crate) fn encode_end(dst: &mut BytesMut) {
+        dst.put_u32_le(WORD_END);
+    }
+
+    /// Appends the word that aborts a stream, and the reason (cut to 64 KiB).
+    pub(crate) fn encode_abort(reason: &str, dst: &mut BytesMut) {
+        let mut end = reason.len().min(64 * 1024);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        dst.put_u32_le(WORD_ABORT);
+        dst.put_u32_le(end as u32);
+        dst.put_slice(&reason.as_bytes()[..end]);
+    }
+
+    fn check_len(&self, len: usize) -> Result<()> {
+        if len > self.limit {
+            return Err(Error::FrameTooLarge {
+                size: len,
+                limit: self.limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Compresses into `dst`; false (and `dst` unchanged) when it would not be smaller.
+    fn try_compress(&self, payload: &[u8], dst: &mut BytesMut) -> bool {
+        let start = dst.len();
+        let bound = lz4_flex::block::get_maximum_output_size(payload.len());
+        dst.resize(start + 2 * HEADER_LEN + bound, 0);
+        let body = &mut dst[start + 2 * HEADER_LEN..];
+        match lz4_flex::block::compress_into(payload, body) {
+            Ok(n) if n + HEADER_LEN < payload.len() => {
+                let wire = (n + HEADER_LEN) as u32;
+                dst[start..start + 4].copy_from_slice(&(wire | FLAG_LZ4).to_le_bytes());
+                dst[start + 4..start + 8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+                dst.truncate(start + 2 * HEADER_LEN + n);
+                true
+            }
+            _ => {
+                dst.truncate(start);
+                false
+            }
+        }
+    }
+
+    /// How many more bytes `src` needs before the next frame can be decoded (0 when it
+    /// can be decoded now, or when its header is already known to be bad). A reader
+    /// uses it to size its next read; it is a hint, never a reservation.
+    pub fn bytes_needed(&self, src: &[u8]) -> usize {
+        match peek_header(src) {
+            None => HEADER_LEN - src.len(),
+            Some(word) => {
+                let len = (word & LEN_MASK) as usize;
+                if word & FLAG_LZ4 != 0 && len < HEADER_LEN || len > self.limit {
+                    return 0;
+                }
+                (HEADER_LEN + len).saturating_sub(src.len())
+            }
+        }
+    }
+
+    /// Takes one whole frame off the front of `src`. `Ok(None)` means more bytes are
+    /// needed; nothing is reserved for them. The stream markers of chanserv streams are
+    /// protocol errors here: use [`decode_item`](Self::decode_item) on those.
+    pub fn decode(&self, src: &mut BytesMut) -> Result<Option<Bytes>> {
+        match self.decode_item(src)? {
+            None => Ok(None),
+            Some(Item::Frame(b)) => Ok(Some(b)),
+            Some(_) => Err(Error::Protocol("stream marker in a plain frame stream".into())),
+        }
+    }
+
+    /// Takes one frame or stream marker off the front of `src`.
+    pub fn decode_item(&self, src: &mut BytesMut) -> Result<Option<Item>> {
+        let Some(word) = peek_header(src) else {
+            return Ok(None);
+        };
+        if word == WORD_END {
+            src.advance(HEADER_LEN);
+            return Ok(Some(Item::End));
+        }
+        if word == WORD_ABORT {
+            return decode_abort(src);
+        }
+        let len = (word & LEN_MASK) as usize;
+        self.check_len(len)?;
+        let compressed = word & FLAG_LZ4 != 0;
+        if compressed && len < HEADER_LEN {
+            return Err(Error::Protocol(format!(
+                "compressed frame of {len} bytes has no room for its uncompressed length"
+            )));
+        }
+        if src.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        if !compressed {
+            src.advance(HEADER_LEN);
+            return Ok(Some(Item::Frame(src.split_to(len).freeze())));
+        }
+        // Validate the uncompressed length before consuming anything, so a bad frame
+        // leaves `src` as it was.
+        let ulen = u32::from_le_bytes(src[4..8].try_into().expect("4 bytes")) as usize;
+        if ulen > self.limit {
+            return Err(Error::WrongUncompressedSize(format!(
+                "{ulen} bytes is over the limit of {}",
+                self.limit
+            )));
+        }
+        let block_len = len - HEADER_LEN;
+        if ulen > lz4_max_output(block_len) {
+            return Err(Error::WrongUncompressedSize(format!(
+                "{ulen} bytes cannot come from a {block_len}-byte LZ4 block"
+            )));
+        }
+        let mut out = vec![0u8; ulen];
+        let block = &src[2 * HEADER_LEN..HEADER_LEN + len];
+        match lz4_flex::block::decompress_into(block, &mut out) {
+            Ok(n) if n == ulen => {}
+            Ok(n) => {
+                return Err(Error::WrongUncompressedSize(format!(
+                    "header says {ulen} bytes, the block holds {n}"
+                )))
+            }
+            Err(e) => return Err(Error::Corrupt(e.to_string())),
+        }
+        src.advance(HEADER_LEN + len);
+        Ok(Some(Item::Frame(Bytes::from(out))))
+    }
+
+    /// At the end of the byte stream: whatever is left in `src` is a truncated frame.
+    pub fn check_eof(&self, src: &BytesMut) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        let missing = self.bytes_needed(src).max(1);
+        Err(Error::Truncated { missing })
+    }
+}
+
+fn peek_header(src: &[u8]) -> Option<u32> {
+    let head: [u8; 4] = src.get(..HEADER_LEN)?.try_into().ok()?;
+    Some(u32::from_le_bytes(head))
+}
+
+fn decode_abort(src: &mut BytesMut) -> Result<Option<Item>> {
+    let Some(len) = peek_header(&src[HEADER_LEN..]) else {
+        return Ok(None);
+    };
+    let len = len as usize;
+    if len > 64 * 1024 {
+        return Err(Error::Protocol(format!("abort reason of {len} bytes")));
+    }
+    if src.len() < 2 * HEADER_LEN + len {
+        return Ok(None);
+    }
+    src.advance(2 * HEADER_LEN);
+    let reason = src.split_to(len);
+    Ok(Some(Item::Abort(String::from_utf8_lossy(&reason).into_owned())))
+}
+
+impl Encoder<Bytes> for FrameCodec {
+    type Error = Error;
+
+    fn encode(&mut self, item: Bytes, dst: &mut BytesMut) -> Result<()> {
+        FrameCodec::encode(self, &item, dst)
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Bytes;
+    type Error = Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
+        FrameCodec::decode(self, src)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
+        match FrameCodec::decode(self, src)? {
+            Some(frame) => Ok(Some(frame)),
+            None => self.check_eof(src).map(|()| None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn encode_all(codec: &FrameCodec, payloads: &[Vec<u8>]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        for p in payloads {
+            codec.encode(p, &mut buf).unwrap();
+        }
+        buf
+    }
+
+    fn header(word: u32) -> BytesMut {
+        let mut b = BytesMut::new();
+        b.put_u32_le(word);
+        b
+    }
+
+    fn payload_strategy() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            4 => proptest::collection::vec(any::<u8>(), 0..2048),
+            // Compressible: runs of a few symbols.
+            2 => (1usize..300_000, any::<u8>()).prop_map(|(n, b)| {
+                (0..n).map(|i| b.wrapping_add((i / 97 % 3) as u8)).collect()
+            }),
+            1 => proptest::collection::vec(any::<u8>(), 0..(3 << 20)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn round_trips_in_any_split(
+            payloads in proptest::collection::vec(payload_strategy(), 0..8),
+            compress: bool,
+            splits in proptest::collection::vec(1usize..70_000, 1..64),
+        ) {
+            let codec = FrameCodec::new().with_compression(compress);
+            let wire = encode_all(&codec, &payloads).freeze();
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            let (mut at, mut i) = (0, 0);
+            while at < wire.len() {
+                let step = splits[i % splits.len()].min(wire.len() - at);
+                i += 1;
+                buf.extend_from_slice(&wire[at..at + step]);
+                at += step;
+                while let Some(f) = codec.decode(&mut buf).unwrap() {
+                    out.push(f.to_vec());
+                }
+            }
+            codec.check_eof(&buf).unwrap();
+            prop_assert_eq!(out, payloads);
+        }
+
+        #[test]
+        fn decoder_never_panics(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let codec = FrameCodec::new().with_limit(1 << 20);
+            let mut buf = BytesMut::from(&data[..]);
+            while let Ok(Some(_)) = codec.decode_item(&mut buf) {}
+        }
+    }
+
+    #[test]
+    fn payload_starting_with_go_magic_round_trips() {
+        for compress in [false, true] {
+            let codec = FrameCodec::new().with_compression(compress);
+            let mut p = b"lz4!".to_vec();
+            p.extend_from_slice(&[b'x'; 4096]);
+            let mut buf = encode_all(&codec, &[p.clone(), b"lz4!".to_vec()]);
+            assert_eq!(codec.decode(&mut buf).unwrap().unwrap(), p);
+            assert_eq!(&codec.decode(&mut buf).unwrap().unwrap()[..], b"lz4!");
+        }
+    }
+
+    #[test]
+    fn compression_only_when_smaller() {
+        let codec = FrameCodec::new().with_compression(true);
+        let zeros = vec![0u8; 64 * 1024];
+        let buf = encode_all(&codec, &[zeros]);
+        assert!(buf.len() < 1024, "compressible frame was not compressed");
+        assert_ne!(buf[3] & 0x80, 0);
+        // Incompressible data is sent plain, so it costs exactly the 4-byte header.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let noise: Vec<u8> = (0..64 * 1024)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        let buf = encode_all(&codec, &[noise.clone()]);
+        assert_eq!(buf.len(), noise.len() + 4);
+        assert_eq!(buf[3] & 0x80, 0);
+        // Small frames are never compressed.
+        let buf = encode_all(&codec, &[vec![0u8; COMPRESSION_THRESHOLD - 1]]);
+        assert_eq!(buf[3] & 0x80, 0);
+    }
+
+    #[test]
+    fn encode_split_hands_back_large_plain_payloads() {
+        let codec = FrameCodec::new();
+        let big = Bytes::from(vec![7u8; SPLIT_PAYLOAD_SIZE]);
+        let mut dst = BytesMut::new();
+        let rest = codec.encode_split(big.clone(), &mut dst).unwrap().unwrap();
+        assert_eq!(dst.len(), 4);
+        assert_eq!(rest.as_ptr(), big.as_ptr(), "payload was copied");
+        dst.extend_from_slice(&rest);
+        assert_eq!(codec.decode(&mut dst).unwrap().unwrap(), big);
+        let small = Bytes::from_static(b"abc");
+        assert!(codec.encode_split(small, &mut dst).unwrap().is_none());
+    }
+
+    #[test]
+    fn over_limit_length_is_rejected_before_allocation() {
+        let codec = FrameCodec::new().with_limit(1024);
+        let mut buf = header(1025);
+        buf.extend_from_slice(&[0; 16]);
+        let cap = buf.capacity();
+        let err = codec.decode(&mut buf).unwrap_err();
+        assert!(matches!(err, Error::FrameTooLarge { size: 1025, limit: 1024 }), "{err}");
+        assert_eq!(buf.capacity(), cap);
+        assert!(codec.encode(&[0; 1025], &mut BytesMut::new()).is_err());
+    }
+
+    #[test]
+    fn max_claimed_length_reserves_nothing() {
+        // A peer claims 2^31-1 bytes with the default limit... rejected; with a limit that
+        // allows it, the decoder waits without reserving.
+        let codec = FrameCodec::new().with_limit(MAX_FRAME_SIZE_LIMIT);
+        let mut buf = header(LEN_MASK);
+        buf.extend_from_slice(b"only a few bytes");
+        let cap = buf.capacity();
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        assert_eq!(buf.capacity(), cap);
+        assert!(matches!(codec.check_eof(&buf), Err(Error::Truncated { .. })));
+    }
+
+    #[test]
+    fn uncompressed_length_over_limit() {
+        let codec = FrameCodec::new().with_limit(1 << 20);
+        let mut buf = header(FLAG_LZ4 | 8);
+        buf.put_u32_le((1 << 20) + 1);
+        buf.put_u32_le(0);
+        let err = codec.decode(&mut buf).unwrap_err();
+        assert!(matches!(err, Error::WrongUncompressedSize(_)), "{err}");
+    }
+
+    #[test]
+    fn lying_uncompressed_length_allocates_nothing_large() {
+        let codec = FrameCodec::new();
+        // 10 bytes of block cannot expand to 50 MiB: refused before allocating.
+        let mut buf = header(FLAG_LZ4 | 14);
+        buf.put_u32_le(50 << 20);
+        buf.extend_from_slice(&[0x1f; 10]);
+        let err = codec.decode(&mut buf).unwrap_err();
+        assert!(matches!(err, Error::WrongUncompressedSize(_)), "{err}");
+        // A plausible but wrong length: the block decompresses to fewer bytes.
+        let real = lz4_flex::block::compress(&[5u8; 1000]);
+        let mut buf = header(FLAG_LZ4 | (real.len() as u32 + 4));
+        buf.put_u32_le(1001);
+        buf.extend_from_slice(&real);
+        let err = codec.decode(&mut buf).unwrap_err();
+        assert!(
+            matches!(err, Error::WrongUncompressedSize(_) | Error::Corrupt(_)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn corrupt_block() {
+        let codec = FrameCodec::new();
+        let mut buf = header(FLAG_LZ4 | 12);
+        buf.put_u32_le(100);
+        buf.extend_from_slice(&[0xff; 8]);
+        let err = codec.decode(&mut buf).unwrap_err();
+        assert!(matches!(err, Error::Corrupt(_)), "{err}");
+    }
+
+    #[test]
+    fn truncated_at_eof() {
+        let mut codec = FrameCodec::new();
+        let mut buf = encode_all(&codec, &[vec![1; 100]]);
+        buf.truncate(60);
+        assert!(Decoder::decode(&mut codec, &mut buf).unwrap().is_none());
+        let err = codec.decode_eof(&mut buf).unwrap_err();
+        assert!(matches!(err, Error::Truncated { missing: 44 }), "{err}");
+        let mut half_header = BytesMut::from(&[1u8, 0][..]);
+        assert!(matches!(
+            codec.decode_eof(&mut half_header),
+            Err(Error::Truncated { missing: 2 })
+        ));
+    }
+
+    #[test]
+    fn stream_markers() {
+        let codec = FrameCodec::new();
+        let mut buf = BytesMut::new();
+        codec.encode(b"x", &mut buf).unwrap();
+        FrameCodec::encode_abort("boom", &mut buf);
+        FrameCodec::encode_end(&mut buf);
+        assert_eq!(
+            codec.decode_item(&mut buf).unwrap(),
+            Some(Item::Frame(Bytes::from_static(b"x")))
+        );
+        assert_eq!(codec.decode_item(&mut buf).unwrap(), Some(Item::Abort("boom".into())));
+        assert_eq!(codec.decode_item(&mut buf).unwrap(), Some(Item::End));
+        let mut buf = BytesMut::new();
+        FrameCodec::encode_end(&mut buf);
+        assert!(matches!(codec.decode(&mut buf), Err(Error::Protocol(_))));
+        // Compressed headers too short for their uncompressed length are errors.
+        let mut buf = header(FLAG_LZ4 | 3);
+        assert!(matches!(codec.decode(&mut buf), Err(Error::Protocol(_))));
+    }
+
+    #[test]
+    #[should_panic(expected = "above the wire format")]
+    fn limit_above_31_bits_is_rejected() {
+        let _ = FrameCodec::new().with_limit(MAX_FRAME_SIZE_LIMIT + 1);
+    }
+}
