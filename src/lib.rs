@@ -1,16 +1,97 @@
-//! chanserv (bootstrap)
+//! # chanserv — nested channels over a stream multiplexer
+//!
+//! A client posts a request to a named service; the service answers with a stream of
+//! [`Source`]s; each source has a header and its own stream of frames ([`Bytes`]).
+//! Sources are announced on one *master* stream and each source's frames travel on a
+//! *child* stream of a yamux session, so thousands of sources share one TCP link and a
+//! slow one never blocks the others. It is the Rust heir of the Go package `chanserv`
+//! and its multiplexer `astranet`.
+//!
+//! ```
+//! use chanserv::{Client, Multiplexer, Node, Server, Source};
+//! use futures::{stream, StreamExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), chanserv::Error> {
+//! // Two nodes joined over loopback TCP.
+//! let (server_node, client_node) = (Node::new(), Node::new());
+//! let addr = server_node.listen("127.0.0.1:0").await?;
+//! client_node.join(addr).await?;
+//!
+//! // A service: each request gets 3 sources of 2 frames.
+//! let _service = Server::new(server_node).listen_and_serve("greeter", |req| {
+//!     let name = String::from_utf8_lossy(&req.body).into_owned();
+//!     stream::iter((0..3).map(move |i| {
+//!         let frames = vec![format!("hello {name}").into(), format!("#{i}").into()];
+//!         Source::new(format!("source {i}"), stream::iter(frames))
+//!     }))
+//! })?;
+//! # chanserv::wait_for_name(&client_node, "greeter").await;
+//!
+//! let client = Client::new(client_node)?;
+//! let mut sources = client.lookup_and_post("greeter", "world", &[]).await?;
+//! let mut frames = 0;
+//! while let Some(source) = sources.next().await {
+//!     let mut source = source?;
+//!     while let Some(frame) = source.next().await {
+//!         let _frame: bytes::Bytes = frame?;
+//!         frames += 1;
+//!     }
+//!     // `None` after the last frame: the producer finished (an error would have
+//!     // come as `Some(Err(..))` first).
+//! }
+//! assert_eq!(frames, 6);
+//! # Ok(()) }
+//! ```
+//!
+//! ## Layout
+//! - [`frame`] — the frame codec: length prefix, LZ4 flag, limits. No I/O.
+//! - `mux` — the [`Multiplexer`] trait and [`Node`], the yamux-based mesh: links over
+//!   TCP, Unix sockets or any byte stream, virtual addresses, service discovery,
+//!   keep-alive, stream limits.
+//! - `server` — [`Server`]: calls your source function per request, announces the
+//!   sources, pumps their frames with batching and backpressure.
+//! - `client` — [`Client`]: [`Client::lookup_and_post`] returns [`Sources`].
+//! - `source` — [`Source`], [`Meta`], [`Request`], [`RequestTag`]: shared by both sides.
+//! - `wire` — the chanserv messages on master and child streams.
+//!
+//! ## Semantics
+//! - **Completion is not failure.** A finished source ends with `None`; a source cut
+//!   by a dead link, a timeout, a reset or a server-side failure yields `Some(Err)`
+//!   first. The wire carries an explicit end marker, so this holds on any multiplexer.
+//! - **Order and exactly-once** within a source.
+//! - **Backpressure end to end.** A consumer that stops reading a source stops its
+//!   producer once [`ClientConfig::frame_buffer_size`] frames and the multiplexer
+//!   window are full; other sources keep flowing.
+//! - **Cancellation.** Dropping a [`Source`] or [`Sources`] resets its stream(s); the
+//!   server drops the producer.
+//! - **Bad input** is an [`Error`], never a panic or an allocation a peer can inflate.
+//!
+//! The wire protocol is specified in `PROTOCOL.md` in the repository.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
+
+mod client;
 mod error;
 pub mod frame;
 mod mux;
+mod server;
+mod source;
+mod wire;
+
+pub use bytes::Bytes;
+pub use client::{Client, ClientConfig, ErrorFn, Sources};
 pub use error::{Error, Result, Timeout};
-pub use mux::*;
-/// Tags.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum RequestTag {
-    /// Meta.
-    Meta(String),
-    /// Bucket.
-    Bucket(String),
+pub use mux::{
+    Addr, LinkEvent, Listener, MuxStream, Multiplexer, Node, NodeConfig, NodeId, NodeListener,
+    PROTOCOL_VERSION,
+};
+pub use server::{MaxErrorMassFn, ServeHandle, Server, ServerConfig, SourceItem};
+pub use source::{Meta, Request, RequestTag, Source, SourceSender};
+
+/// Waits (up to 10 s) until `node` can route the service name `name`: names bound on
+/// peers reach a node a moment after the link is up or the bind happened. Returns
+/// false on timeout.
+pub async fn wait_for_name(node: &Node, name: &str) -> bool {
+    node.wait_for_name(name, std::time::Duration::from_secs(10)).await
 }

@@ -315,6 +315,8 @@ struct Inner {
     tasks: TaskTracker,
     next_id: AtomicU64,
     rr: AtomicUsize,
+    /// Woken whenever a peer's names change.
+    names_changed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -383,6 +385,7 @@ impl Node {
             tasks: TaskTracker::new(),
             next_id: AtomicU64::new(1),
             rr: AtomicUsize::new(0),
+            names_changed: tokio::sync::Notify::new(),
         });
         Node {
             inner,
@@ -505,6 +508,22 @@ impl Node {
         self.inner.cancel.cancel();
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
+    }
+
+    /// Waits until a dial to the service `name` can be routed (bound here, or announced
+    /// by a linked peer), up to `within`. Returns false on timeout.
+    pub async fn wait_for_name(&self, name: &str, within: Duration) -> bool {
+        let Ok(v) = VAddr::parse(name) else { return false };
+        let until = Instant::now() + within;
+        loop {
+            let changed = self.inner.names_changed.notified();
+            if self.inner.route(&v, None).is_ok() {
+                return true;
+            }
+            if tokio::time::timeout_at(until, changed).await.is_err() {
+                return false;
+            }
+        }
     }
 
     fn resolve_local(&self, v: &VAddr) -> Option<String> {
@@ -985,6 +1004,7 @@ impl Inner {
                 }
                 tracing::debug!(peer = format_args!("{:016x}", link.peer), ?names, "peer names");
                 self.state.lock().unwrap().peer_names.insert(link.peer, names);
+                self.names_changed.notify_waiters();
             }
             CTL_ROTATE => {
                 if !link.draining.swap(true, Ordering::Relaxed) {

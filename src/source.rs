@@ -1,0 +1,378 @@
+//! `Source`, the one type both sides use for a header plus a stream of frames, and the
+//! small value types around it (`Meta`, `Request`, `RequestTag`).
+//!
+//! A source's frames come from one of three places: a user's stream (server side), a
+//! child stream being read (client side), or frames that arrived inline on the master
+//! stream. The reader for child streams lives here because it *is* the source's
+//! `poll_next`: no task and no channel sit between the network and the consumer.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::{FusedStream, Stream, StreamExt};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result, Timeout};
+use crate::frame::{FrameCodec, Item};
+use crate::mux::{from_io, Addr};
+
+/// A tag sent with a request (Go's `RequestTag`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RequestTag {
+    /// Free-form metadata for the serving side (Go's `TagMeta`); it shows up in
+    /// [`Request::tags`] and [`Meta::tags`].
+    Meta(String),
+    /// Picks the serving node by consistent hashing among the nodes that bind the
+    /// service: the same bucket goes to the same node while it is up (Go's `TagBucket`).
+    Bucket(String),
+}
+
+/// What is known about where a source or request came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub(crate) remote_addr: Option<Addr>,
+    pub(crate) tags: Vec<RequestTag>,
+}
+
+impl Meta {
+    /// The other side's address: for a received source, the serving node; for a
+    /// request, the calling node. `None` for a source made locally.
+    pub fn remote_addr(&self) -> Option<&Addr> {
+        self.remote_addr.as_ref()
+    }
+    /// The request's tags.
+    pub fn tags(&self) -> &[RequestTag] {
+        &self.tags
+    }
+}
+
+/// A request as the source function sees it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The body the client posted.
+    pub body: Bytes,
+    /// The caller's address and tags.
+    pub meta: Meta,
+}
+
+impl Request {
+    /// The request's tags.
+    pub fn tags(&self) -> &[RequestTag] {
+        &self.meta.tags
+    }
+}
+
+type BoxFrames = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
+pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+
+/// A header and a stream of frames. The same type on both sides: a client can answer
+/// its own requests with sources it received.
+///
+/// Its frames are a `Stream<Item = Result<Bytes, Error>>` ([`recv`](Source::recv) too):
+/// a source whose producer finished ends with `None`; one cut by a dead link, a
+/// timeout, a reset or a server-side failure yields one `Err` and then `None`. Frames
+/// arrive in order, each once.
+///
+/// Dropping a received `Source` resets its child stream; the server then drops the
+/// producer. Dropping a local source drops its producer.
+pub struct Source {
+    header: Bytes,
+    meta: Meta,
+    frames: Frames,
+}
+
+enum Frames {
+    Local(BoxFrames),
+    Inline(VecDeque<Bytes>),
+    Remote(Box<RemoteFrames>),
+    Done,
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Source")
+            .field("header_len", &self.header.len())
+            .field("meta", &self.meta)
+            .finish()
+    }
+}
+
+impl Source {
+    /// A source whose frames are the items of `frames`; it completes when the stream
+    /// ends.
+    pub fn new<S>(header: impl Into<Bytes>, frames: S) -> Self
+    where
+        S: Stream<Item = Bytes> + Send + 'static,
+    {
+        Self::try_new(header, frames.map(Ok))
+    }
+
+    /// A source from a fallible stream: an `Err` item fails the source (the client sees
+    /// [`Error::Remote`] with its message) and ends it.
+    pub fn try_new<S>(header: impl Into<Bytes>, frames: S) -> Self
+    where
+        S: Stream<Item = Result<Bytes>> + Send + 'static,
+    {
+        Source {
+            header: header.into(),
+            meta: Meta::default(),
+            frames: Frames::Local(Box::pin(frames)),
+        }
+    }
+
+    /// A source with no frames.
+    pub fn empty(header: impl Into<Bytes>) -> Self {
+        Source {
+            header: header.into(),
+            meta: Meta::default(),
+            frames: Frames::Inline(VecDeque::new()),
+        }
+    }
+
+    /// A source fed through a bounded channel (Go's `Out` channel): send frames with
+    /// the [`SourceSender`]; dropping it completes the source, [`SourceSender::abort`]
+    /// fails it. `capacity` frames are buffered before `send` waits.
+    ///
+    /// # Panics
+    /// If `capacity` is 0.
+    pub fn channel(header: impl Into<Bytes>, capacity: usize) -> (SourceSender, Source) {
+        let (tx, mut rx) = mpsc::channel(capacity);
+        let frames = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        (SourceSender { tx: Some(tx) }, Source::try_new(header, frames))
+    }
+
+    pub(crate) fn inline(header: Bytes, meta: Meta, frames: VecDeque<Bytes>) -> Self {
+        Source {
+            header,
+            meta,
+            frames: Frames::Inline(frames),
+        }
+    }
+
+    pub(crate) fn remote(header: Bytes, meta: Meta, r: RemoteFrames) -> Self {
+        Source {
+            header,
+            meta,
+            frames: Frames::Remote(Box::new(r)),
+        }
+    }
+
+    /// The source's header.
+    pub fn header(&self) -> &Bytes {
+        &self.header
+    }
+
+    /// Where the source came from.
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// The next frame: `None` once the source completed.
+    pub async fn recv(&mut self) -> Option<Result<Bytes>> {
+        self.next().await
+    }
+
+    /// Frames already received and not yet taken, without waiting (inline sources
+    /// and read-ahead). Used by the server to inline small sources.
+    pub(crate) fn poll_ready_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
+        self.poll_next_unpin(cx)
+    }
+}
+
+impl Stream for Source {
+    type Item = Result<Bytes>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
+        let this = self.get_mut();
+        let r = match &mut this.frames {
+            Frames::Local(s) => ready!(s.as_mut().poll_next(cx)),
+            Frames::Inline(q) => q.pop_front().map(Ok),
+            Frames::Remote(r) => ready!(r.poll_frame(cx)),
+            Frames::Done => None,
+        };
+        if !matches!(r, Some(Ok(_))) {
+            // An error is the last item; after it (or the end) the source is done.
+            this.frames = match r {
+                Some(Err(_)) => Frames::Inline(VecDeque::new()),
+                _ => Frames::Done,
+            };
+        }
+        Poll::Ready(r)
+    }
+}
+
+impl FusedStream for Source {
+    fn is_terminated(&self) -> bool {
+        matches!(self.frames, Frames::Done)
+    }
+}
+
+/// The sending half of [`Source::channel`].
+///
+/// Dropping it completes the source, unless the thread is panicking: then the source
+/// fails, so a crashed producer is never mistaken for a finished one.
+#[derive(Debug)]
+pub struct SourceSender {
+    tx: Option<mpsc::Sender<Result<Bytes>>>,
+}
+
+impl SourceSender {
+    /// Sends a frame, waiting while the buffer is full. `Err(Error::Closed)` when the
+    /// source is gone (its consumer dropped it or the request was cancelled).
+    pub async fn send(&self, frame: impl Into<Bytes>) -> Result<()> {
+        match &self.tx {
+            Some(tx) => tx.send(Ok(frame.into())).await.map_err(|_| Error::Closed),
+            None => Err(Error::Closed),
+        }
+    }
+
+    /// Fails the source with `reason`; the consumer gets [`Error::Remote`].
+    pub async fn abort(mut self, reason: impl Into<String>) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Err(Error::Remote(reason.into()))).await;
+        }
+    }
+
+    /// True once the source was dropped by its consumer.
+    pub fn is_closed(&self) -> bool {
+        self.tx.as_ref().is_none_or(|t| t.is_closed())
+    }
+}
+
+impl Drop for SourceSender {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(tx) = self.tx.take() {
+                let _ = tx.try_send(Err(Error::Remote("producer panicked".into())));
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ remote frames
+
+/// Where a remote source's child stream is: still on its way, or being read.
+pub(crate) enum ChildStream {
+    Waiting(oneshot::Receiver<BoxRead>),
+    Reading(BoxRead),
+}
+
+/// The client-side reader of one source's child stream.
+pub(crate) struct RemoteFrames {
+    pub(crate) stream: ChildStream,
+    pub(crate) codec: FrameCodec,
+    pub(crate) buf: BytesMut,
+    /// Frames decoded ahead of the consumer, at most `max_ahead`.
+    pub(crate) ahead: VecDeque<Bytes>,
+    pub(crate) max_ahead: usize,
+    /// Set once the stream's end (or failure) was decoded; drained after `ahead`.
+    pub(crate) end: Option<Option<Error>>,
+    pub(crate) read_timeout: Option<Duration>,
+    pub(crate) timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Keeps the request's routing entry alive until the child stream arrived.
+    pub(crate) _guard: Option<Arc<dyn Send + Sync>>,
+}
+
+const READ_CHUNK: usize = 64 * 1024;
+
+impl RemoteFrames {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
+        loop {
+            if let Some(f) = self.ahead.pop_front() {
+                self.timer = None;
+                return Poll::Ready(Some(Ok(f)));
+            }
+            if let Some(end) = self.end.take() {
+                self.end = Some(None);
+                return Poll::Ready(end.map(Err));
+            }
+            if let Err(e) = self.decode_ahead() {
+                self.end = Some(Some(e));
+                continue;
+            }
+            if !self.ahead.is_empty() || self.end.is_some() {
+                continue;
+            }
+            match self.poll_read(cx) {
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(e)) => {
+                    self.end = Some(Some(e));
+                    continue;
+                }
+                Poll::Pending => return self.poll_timer(cx),
+            }
+        }
+    }
+
+    fn decode_ahead(&mut self) -> Result<()> {
+        while self.ahead.len() < self.max_ahead {
+            match self.codec.decode_item(&mut self.buf)? {
+                Some(Item::Frame(f)) => self.ahead.push_back(f),
+                Some(Item::End) => {
+                    self.end = Some(None);
+                    return Ok(());
+                }
+                Some(Item::Abort(reason)) => {
+                    self.end = Some(Some(Error::Remote(reason)));
+                    return Ok(());
+                }
+                None => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let stream = loop {
+            match &mut self.stream {
+                ChildStream::Reading(s) => break s,
+                ChildStream::Waiting(rx) => match ready!(Pin::new(rx).poll(cx)) {
+                    Ok(s) => {
+                        self.stream = ChildStream::Reading(s);
+                        self._guard = None;
+                    }
+                    Err(_) => return Poll::Ready(Err(Error::Reset)),
+                },
+            }
+        };
+        // Grow with what arrived: at most one chunk, or the buffered amount, beyond it.
+        let needed = self.codec.bytes_needed(&self.buf);
+        let want = needed.clamp(READ_CHUNK / 4, READ_CHUNK.max(self.buf.len()));
+        let start = self.buf.len();
+        self.buf.resize(start + want, 0);
+        let mut rb = ReadBuf::new(&mut self.buf[start..]);
+        let r = Pin::new(stream).poll_read(cx, &mut rb);
+        let n = rb.filled().len();
+        self.buf.truncate(start + n);
+        match r {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(from_io(e))),
+            Poll::Ready(Ok(())) if n == 0 => Poll::Ready(Err(match self.codec.check_eof(&self.buf) {
+                Err(e @ Error::Truncated { .. }) => e,
+                _ => Error::Reset,
+            })),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
+        let Some(t) = self.read_timeout else {
+            return Poll::Pending;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+        ready!(timer.as_mut().poll(cx));
+        self.end = Some(None);
+        Poll::Ready(Some(Err(Error::Timeout(Timeout::FrameRead))))
+    }
+}
+
+use std::future::Future;
