@@ -152,7 +152,9 @@ impl<M: Multiplexer> Clone for Client<M> {
 
 impl<M: Multiplexer> fmt::Debug for Client<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Client").field("reply", &self.inner.reply).finish()
+        f.debug_struct("Client")
+            .field("reply", &self.inner.reply)
+            .finish()
     }
 }
 
@@ -202,7 +204,12 @@ impl<M: Multiplexer> Client<M> {
         let reply = listener.local_addr().to_string();
         let routes = Arc::new(Mutex::new(Routes::default()));
         let stop = CancellationToken::new();
-        tokio::spawn(accept_children(listener, routes.clone(), stop.clone(), cfg.on_error.clone()));
+        tokio::spawn(accept_children(
+            listener,
+            routes.clone(),
+            stop.clone(),
+            cfg.on_error.clone(),
+        ));
         Ok(Client {
             inner: Arc::new(ClientInner {
                 mux,
@@ -349,7 +356,8 @@ impl Sources {
                     timer: None,
                     _guard: waiting.then(|| self.guard.clone() as Arc<dyn Send + Sync>),
                 };
-                self.ahead.push_back(Source::remote(header, self.meta(), frames));
+                self.ahead
+                    .push_back(Source::remote(header, self.meta(), frames));
             }
             MasterMsg::Inline { header, frames, .. } => {
                 self.ahead
@@ -427,7 +435,9 @@ impl Stream for Sources {
             let Some(t) = this.cfg.master_read_timeout else {
                 return Poll::Pending;
             };
-            let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
             ready!(timer.as_mut().poll(cx));
             this.end = Some(Some(Error::Timeout(Timeout::MasterRead)));
         }
@@ -493,4 +503,3 @@ async fn accept_children<L: Listener>(
         }
     }
 }
-

@@ -122,7 +122,9 @@ impl FrameCodec {
     /// Appends one frame to `dst`.
     pub fn encode(&self, payload: &[u8], dst: &mut BytesMut) -> Result<()> {
         self.check_len(payload.len())?;
-        if self.compress && payload.len() >= COMPRESSION_THRESHOLD && self.try_compress(payload, dst)
+        if self.compress
+            && payload.len() >= COMPRESSION_THRESHOLD
+            && self.try_compress(payload, dst)
         {
             return Ok(());
         }
@@ -214,7 +216,9 @@ impl FrameCodec {
         match self.decode_item(src)? {
             None => Ok(None),
             Some(Item::Frame(b)) => Ok(Some(b)),
-            Some(_) => Err(Error::Protocol("stream marker in a plain frame stream".into())),
+            Some(_) => Err(Error::Protocol(
+                "stream marker in a plain frame stream".into(),
+            )),
         }
     }
 
@@ -303,7 +307,9 @@ fn decode_abort(src: &mut BytesMut) -> Result<Option<Item>> {
     }
     src.advance(2 * HEADER_LEN);
     let reason = src.split_to(len);
-    Ok(Some(Item::Abort(String::from_utf8_lossy(&reason).into_owned())))
+    Ok(Some(Item::Abort(
+        String::from_utf8_lossy(&reason).into_owned(),
+    )))
 }
 
 impl Encoder<Bytes> for FrameCodec {
@@ -423,7 +429,7 @@ mod tests {
                 (x >> 32) as u8
             })
             .collect();
-        let buf = encode_all(&codec, &[noise.clone()]);
+        let buf = encode_all(&codec, std::slice::from_ref(&noise));
         assert_eq!(buf.len(), noise.len() + 4);
         assert_eq!(buf[3] & 0x80, 0);
         // Small frames are never compressed.
@@ -452,7 +458,16 @@ mod tests {
         buf.extend_from_slice(&[0; 16]);
         let cap = buf.capacity();
         let err = codec.decode(&mut buf).unwrap_err();
-        assert!(matches!(err, Error::FrameTooLarge { size: 1025, limit: 1024 }), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::FrameTooLarge {
+                    size: 1025,
+                    limit: 1024
+                }
+            ),
+            "{err}"
+        );
         assert_eq!(buf.capacity(), cap);
         assert!(codec.encode(&[0; 1025], &mut BytesMut::new()).is_err());
     }
@@ -467,7 +482,10 @@ mod tests {
         let cap = buf.capacity();
         assert!(codec.decode(&mut buf).unwrap().is_none());
         assert_eq!(buf.capacity(), cap);
-        assert!(matches!(codec.check_eof(&buf), Err(Error::Truncated { .. })));
+        assert!(matches!(
+            codec.check_eof(&buf),
+            Err(Error::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -537,7 +555,10 @@ mod tests {
             codec.decode_item(&mut buf).unwrap(),
             Some(Item::Frame(Bytes::from_static(b"x")))
         );
-        assert_eq!(codec.decode_item(&mut buf).unwrap(), Some(Item::Abort("boom".into())));
+        assert_eq!(
+            codec.decode_item(&mut buf).unwrap(),
+            Some(Item::Abort("boom".into()))
+        );
         assert_eq!(codec.decode_item(&mut buf).unwrap(), Some(Item::End));
         let mut buf = BytesMut::new();
         FrameCodec::encode_end(&mut buf);
@@ -551,5 +572,25 @@ mod tests {
     #[should_panic(expected = "above the wire format")]
     fn limit_above_31_bits_is_rejected() {
         let _ = FrameCodec::new().with_limit(MAX_FRAME_SIZE_LIMIT + 1);
+    }
+}
+
+#[cfg(test)]
+mod protocol_examples {
+    use super::*;
+
+    /// The worked examples of PROTOCOL.md, byte for byte.
+    #[test]
+    fn worked_examples() {
+        let mut buf = BytesMut::new();
+        FrameCodec::new().encode(b"hello", &mut buf).unwrap();
+        assert_eq!(&buf[..], &[5, 0, 0, 0, b'h', b'e', b'l', b'l', b'o']);
+        let mut buf = BytesMut::new();
+        FrameCodec::new()
+            .with_compression(true)
+            .encode(&[b'a'; 4096], &mut buf)
+            .unwrap();
+        assert_eq!(&buf[..8], &[0x1f, 0, 0, 0x80, 0, 0x10, 0, 0]);
+        assert_eq!(buf.len(), 4 + 0x1f);
     }
 }

@@ -83,7 +83,7 @@ pub use bytes::Bytes;
 pub use client::{Client, ClientConfig, ErrorFn, Sources};
 pub use error::{Error, Result, Timeout};
 pub use mux::{
-    Addr, LinkEvent, Listener, MuxStream, Multiplexer, Node, NodeConfig, NodeId, NodeListener,
+    Addr, LinkEvent, Listener, Multiplexer, MuxStream, Node, NodeConfig, NodeId, NodeListener,
     PROTOCOL_VERSION,
 };
 pub use server::{MaxErrorMassFn, ServeHandle, Server, ServerConfig, SourceItem};
@@ -93,5 +93,6 @@ pub use source::{Meta, Request, RequestTag, Source, SourceSender};
 /// peers reach a node a moment after the link is up or the bind happened. Returns
 /// false on timeout.
 pub async fn wait_for_name(node: &Node, name: &str) -> bool {
-    node.wait_for_name(name, std::time::Duration::from_secs(10)).await
+    node.wait_for_name(name, std::time::Duration::from_secs(10))
+        .await
 }

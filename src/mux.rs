@@ -126,7 +126,9 @@ impl VAddr {
         };
         let port_num = port.parse::<u32>();
         if host.is_empty() {
-            return port_num.map(VAddr::Port).map_err(|_| bad("port is not a number"));
+            return port_num
+                .map(VAddr::Port)
+                .map_err(|_| bad("port is not a number"));
         }
         if host.len() == 16 && host.bytes().all(|b| b.is_ascii_hexdigit()) {
             let node = u64::from_str_radix(host, 16).map_err(|_| bad("bad node id"))?;
@@ -207,7 +209,10 @@ impl NodeConfig {
     /// # Panics
     /// If `interval` is zero or not shorter than `timeout`.
     pub fn keepalive(&mut self, interval: Duration, timeout: Duration) -> &mut Self {
-        assert!(!interval.is_zero() && interval < timeout, "need 0 < interval < timeout");
+        assert!(
+            !interval.is_zero() && interval < timeout,
+            "need 0 < interval < timeout"
+        );
         self.keepalive_interval = interval;
         self.keepalive_timeout = timeout;
         self
@@ -233,7 +238,10 @@ impl NodeConfig {
     /// # Panics
     /// If `n` is 0 or above 2^31 − 2^16.
     pub fn rotate_after(&mut self, n: u64) -> &mut Self {
-        assert!((1..=(1 << 31) - (1 << 16)).contains(&n), "rotate_after out of range");
+        assert!(
+            (1..=(1 << 31) - (1 << 16)).contains(&n),
+            "rotate_after out of range"
+        );
         self.rotate_after = n;
         self
     }
@@ -302,7 +310,9 @@ pub struct Node {
 
 impl fmt::Debug for Node {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Node").field("id", &format_args!("{:016x}", self.inner.id)).finish()
+        f.debug_struct("Node")
+            .field("id", &format_args!("{:016x}", self.inner.id))
+            .finish()
     }
 }
 
@@ -315,6 +325,8 @@ struct Inner {
     tasks: TaskTracker,
     next_id: AtomicU64,
     rr: AtomicUsize,
+    /// Links established so far (rotations included).
+    links_up: AtomicU64,
     /// Woken whenever a peer's names change.
     names_changed: tokio::sync::Notify,
 }
@@ -386,6 +398,7 @@ impl Node {
             next_id: AtomicU64::new(1),
             rr: AtomicUsize::new(0),
             names_changed: tokio::sync::Notify::new(),
+            links_up: AtomicU64::new(0),
         });
         Node {
             inner,
@@ -413,6 +426,12 @@ impl Node {
     pub fn link_count(&self, peer: NodeId) -> usize {
         let st = self.inner.state.lock().unwrap();
         st.links.get(&peer).map_or(0, Vec::len)
+    }
+
+    /// How many links this node has established since it started, replacements after
+    /// a reconnect or a rotation included.
+    pub fn links_established(&self) -> u64 {
+        self.inner.links_up.load(Ordering::Relaxed)
     }
 
     /// Accepts links on a TCP address until the node shuts down. Returns the bound
@@ -513,7 +532,9 @@ impl Node {
     /// Waits until a dial to the service `name` can be routed (bound here, or announced
     /// by a linked peer), up to `within`. Returns false on timeout.
     pub async fn wait_for_name(&self, name: &str, within: Duration) -> bool {
-        let Ok(v) = VAddr::parse(name) else { return false };
+        let Ok(v) = VAddr::parse(name) else {
+            return false;
+        };
         let until = Instant::now() + within;
         loop {
             let changed = self.inner.names_changed.notified();
@@ -621,7 +642,11 @@ impl Inner {
     /// Picks where a dial goes: a local binding or a link and the address to ask for.
     fn route(&self, v: &VAddr, bucket: Option<&str>) -> Result<Route> {
         let st = self.state.lock().unwrap();
-        let local = |key: &str| st.binds.get(key).map(|b| Route::Local(b.tx.clone(), key.to_owned()));
+        let local = |key: &str| {
+            st.binds
+                .get(key)
+                .map(|b| Route::Local(b.tx.clone(), key.to_owned()))
+        };
         let none = |s: String| Error::NoSuchAddress(s);
         match v {
             VAddr::Port(p) => local(&format!(":{p}")).ok_or_else(|| none(format!(":{p}"))),
@@ -666,14 +691,21 @@ impl Inner {
         }
     }
 
-    async fn dial(self: Arc<Self>, v: VAddr, vaddr: &str, bucket: Option<&str>) -> Result<MuxStream> {
+    async fn dial(
+        self: Arc<Self>,
+        v: VAddr,
+        vaddr: &str,
+        bucket: Option<&str>,
+    ) -> Result<MuxStream> {
         let _ = vaddr;
         match self.route(&v, bucket)? {
             Route::Local(tx, key) => {
                 let (a, b) = tokio::io::duplex(256 * 1024);
                 let here = Addr::new(self.id, key);
                 let far = MuxStream::new(Io::Local(b), None, None, None);
-                tx.send((far, here)).await.map_err(|_| Error::NoSuchAddress(vaddr.into()))?;
+                tx.send((far, here))
+                    .await
+                    .map_err(|_| Error::NoSuchAddress(vaddr.into()))?;
                 Ok(MuxStream::new(Io::Local(a), None, None, None))
             }
             Route::Remote(link, target) => {
@@ -685,7 +717,10 @@ impl Inner {
                     .map_err(|_| Error::LinkClosed)?;
                 let (tx, rx) = oneshot::channel();
                 link.open_tx.send(tx).await.map_err(|_| Error::LinkClosed)?;
-                let s = rx.await.map_err(|_| Error::LinkClosed)?.map_err(yamux_err)?;
+                let s = rx
+                    .await
+                    .map_err(|_| Error::LinkClosed)?
+                    .map_err(yamux_err)?;
                 let n = link.opened.fetch_add(1, Ordering::Relaxed) + 1;
                 if n >= self.cfg.rotate_after && !link.draining.swap(true, Ordering::Relaxed) {
                     self.rotate(&link);
@@ -803,7 +838,11 @@ impl Inner {
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let mut io = BufStream::with_capacity(64 * 1024, 64 * 1024, io);
-        let hs = timeout(self.cfg.handshake_timeout, handshake(&mut io, self.id, &self.cfg)).await;
+        let hs = timeout(
+            self.cfg.handshake_timeout,
+            handshake(&mut io, self.id, &self.cfg),
+        )
+        .await;
         let (peer, max_streams) = match hs {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
@@ -820,7 +859,11 @@ impl Inner {
                 return LinkEnd::default();
             }
         };
-        let mode = if initiator { yamux::Mode::Client } else { yamux::Mode::Server };
+        let mode = if initiator {
+            yamux::Mode::Client
+        } else {
+            yamux::Mode::Server
+        };
         let conn = yamux::Connection::new(io.compat(), self.cfg.yamux(max_streams), mode);
         let (open_tx, open_rx) = mpsc::channel(64);
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
@@ -855,6 +898,7 @@ impl Inner {
         };
         {
             let mut st = self.state.lock().unwrap();
+            self.links_up.fetch_add(1, Ordering::Relaxed);
             let links = st.links.entry(peer).or_default();
             links.push(link.clone());
             let first = links.len() == 1;
@@ -912,7 +956,8 @@ impl Inner {
         let mut wbuf = BytesMut::new();
         let mut ping = tokio::time::interval(self.cfg.keepalive_interval);
         let mut deadline = Instant::now() + self.cfg.keepalive_timeout;
-        let mut idle_check = tokio::time::interval(Duration::from_millis(100).min(self.cfg.keepalive_interval));
+        let mut idle_check =
+            tokio::time::interval(Duration::from_millis(100).min(self.cfg.keepalive_interval));
         loop {
             tokio::select! {
                 _ = link.cancel.cancelled() => return link.draining.load(Ordering::Relaxed),
@@ -967,7 +1012,10 @@ impl Inner {
                         w.write_all(&wbuf).await?;
                         w.flush().await
                     };
-                    if timeout(self.cfg.keepalive_timeout, send).await.map_or(true, |r| r.is_err()) {
+                    if timeout(self.cfg.keepalive_timeout, send)
+                        .await
+                        .map_or(true, |r| r.is_err())
+                    {
                         return false;
                     }
                 }
@@ -978,12 +1026,19 @@ impl Inner {
 
     fn has_newer_link(&self, link: &Link) -> bool {
         let st = self.state.lock().unwrap();
-        st.links
-            .get(&link.peer)
-            .is_some_and(|ls| ls.iter().any(|l| l.id > link.id && !l.draining.load(Ordering::Relaxed)))
+        st.links.get(&link.peer).is_some_and(|ls| {
+            ls.iter()
+                .any(|l| l.id > link.id && !l.draining.load(Ordering::Relaxed))
+        })
     }
 
-    fn on_control(self: &Arc<Self>, link: &Arc<Link>, mut msg: Bytes, codec: &FrameCodec, wbuf: &mut BytesMut) {
+    fn on_control(
+        self: &Arc<Self>,
+        link: &Arc<Link>,
+        mut msg: Bytes,
+        codec: &FrameCodec,
+        wbuf: &mut BytesMut,
+    ) {
         if msg.is_empty() {
             return;
         }
@@ -1002,8 +1057,16 @@ impl Inner {
                     let name = msg.split_to(n);
                     names.insert(String::from_utf8_lossy(&name).into_owned());
                 }
-                tracing::debug!(peer = format_args!("{:016x}", link.peer), ?names, "peer names");
-                self.state.lock().unwrap().peer_names.insert(link.peer, names);
+                tracing::debug!(
+                    peer = format_args!("{:016x}", link.peer),
+                    ?names,
+                    "peer names"
+                );
+                self.state
+                    .lock()
+                    .unwrap()
+                    .peer_names
+                    .insert(link.peer, names);
                 self.names_changed.notify_waiters();
             }
             CTL_ROTATE => {
@@ -1018,7 +1081,10 @@ impl Inner {
     async fn open_control(self: Arc<Self>, link: &Arc<Link>) -> Result<MuxStream> {
         let (tx, rx) = oneshot::channel();
         link.open_tx.send(tx).await.map_err(|_| Error::LinkClosed)?;
-        let s = rx.await.map_err(|_| Error::LinkClosed)?.map_err(yamux_err)?;
+        let s = rx
+            .await
+            .map_err(|_| Error::LinkClosed)?
+            .map_err(yamux_err)?;
         let mut s = MuxStream::new(Io::Yamux(s.compat_stream()), None, None, None);
         s.write_all(&[OPEN_CONTROL]).await?;
         s.flush().await?;
@@ -1123,12 +1189,17 @@ where
     })?;
     let mut b = &inb[..];
     if &b[..8] != MAGIC {
-        return Err(Error::Protocol("bad magic: the peer is not a chanserv node".into()));
+        return Err(Error::Protocol(
+            "bad magic: the peer is not a chanserv node".into(),
+        ));
     }
     b.advance(8);
     let theirs = b.get_u16_le();
     if theirs != PROTOCOL_VERSION {
-        return Err(Error::VersionMismatch { ours: PROTOCOL_VERSION, theirs });
+        return Err(Error::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs,
+        });
     }
     let peer = b.get_u64_le();
     if peer == id {
@@ -1259,15 +1330,17 @@ pub struct NodeListener {
 
 impl fmt::Debug for NodeListener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NodeListener").field("addr", &self.addr).finish()
+        f.debug_struct("NodeListener")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
 impl Listener for NodeListener {
     type Stream = MuxStream;
 
-    fn accept(&mut self) -> impl Future<Output = Result<(MuxStream, Addr)>> + Send {
-        async { self.rx.recv().await.ok_or(Error::Closed) }
+    async fn accept(&mut self) -> Result<(MuxStream, Addr)> {
+        self.rx.recv().await.ok_or(Error::Closed)
     }
 
     fn local_addr(&self) -> &Addr {
@@ -1278,7 +1351,11 @@ impl Listener for NodeListener {
 impl Drop for NodeListener {
     fn drop(&mut self) {
         let mut st = self.node.state.lock().unwrap();
-        if st.binds.get(self.addr.vaddr()).is_some_and(|b| b.id == self.bind_id) {
+        if st
+            .binds
+            .get(self.addr.vaddr())
+            .is_some_and(|b| b.id == self.bind_id)
+        {
             st.binds.remove(self.addr.vaddr());
             if !self.addr.vaddr().starts_with(':') {
                 self.node.announce_names(&st);
@@ -1326,7 +1403,12 @@ impl CompatStream for yamux::Stream {
 }
 
 impl MuxStream {
-    fn new(io: Io, header: Option<BytesMut>, permit: Option<OwnedSemaphorePermit>, link: Option<Arc<Link>>) -> Self {
+    fn new(
+        io: Io,
+        header: Option<BytesMut>,
+        permit: Option<OwnedSemaphorePermit>,
+        link: Option<Arc<Link>>,
+    ) -> Self {
         let status_pending = header.is_some();
         MuxStream {
             io,
@@ -1362,7 +1444,11 @@ impl MuxStream {
         Poll::Ready(Err(io::Error::other(err)))
     }
 
-    fn poll_io_read(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_io_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match &mut self.io {
             Io::Yamux(s) => Pin::new(s).poll_read(cx, buf),
             Io::Local(s) => Pin::new(s).poll_read(cx, buf),
@@ -1413,16 +1499,26 @@ impl Drop for MuxStream {
 /// Unwraps a chanserv [`Error`] carried inside an `io::Error` by [`MuxStream`].
 pub(crate) fn from_io(e: io::Error) -> Error {
     if e.get_ref().is_some_and(|i| i.is::<Error>()) {
-        return *e.into_inner().expect("checked").downcast::<Error>().expect("checked");
+        return *e
+            .into_inner()
+            .expect("checked")
+            .downcast::<Error>()
+            .expect("checked");
     }
     match e.kind() {
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::WriteZero => Error::Reset,
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::WriteZero => {
+            Error::Reset
+        }
         _ => Error::Io(e),
     }
 }
 
 impl AsyncRead for MuxStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.header.is_some() {
             ready!(this.poll_header(cx, &[]))?;
@@ -1433,7 +1529,11 @@ impl AsyncRead for MuxStream {
 }
 
 impl AsyncWrite for MuxStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.header.is_some() {
             let n = ready!(this.poll_header(cx, buf))?;

@@ -28,7 +28,8 @@ use crate::source::{Meta, Request, Source};
 use crate::wire::{RequestMsg, MSG_ACCEPT, MSG_ANNOUNCE, MSG_END, MSG_ERROR, MSG_INLINE};
 
 /// What to do when errors pile up (Go's `OnMaxErrorMass`).
-pub type MaxErrorMassFn = Arc<dyn Fn(usize) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+pub type MaxErrorMassFn =
+    Arc<dyn Fn(usize) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
 /// Frames of a source that are ready at once are sent inline with its announcement
 /// while they fit in this many bytes (and the source is complete).
@@ -273,7 +274,10 @@ impl ServeHandle {
     pub async fn shutdown(self, grace: Duration) {
         self.stop_accept.cancel();
         self.tasks.close();
-        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
             self.cancel.cancel();
             self.tasks.wait().await;
         }
@@ -287,8 +291,9 @@ impl Drop for ServeHandle {
     }
 }
 
-type BoxSourceFn =
-    Box<dyn Fn(Request) -> futures::stream::BoxStream<'static, Result<Source, String>> + Send + Sync>;
+type BoxSourceFn = Box<
+    dyn Fn(Request) -> futures::stream::BoxStream<'static, Result<Source, String>> + Send + Sync,
+>;
 
 struct Ctx<M> {
     mux: M,
@@ -319,7 +324,11 @@ impl<M> Ctx<M> {
     }
 }
 
-async fn accept_loop<M: Multiplexer>(ctx: Arc<Ctx<M>>, mut listener: M::Listener, stop: CancellationToken) {
+async fn accept_loop<M: Multiplexer>(
+    ctx: Arc<Ctx<M>>,
+    mut listener: M::Listener,
+    stop: CancellationToken,
+) {
     let (err_tx, mut err_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
     let mut mass = 0usize;
     loop {
@@ -378,7 +387,12 @@ async fn with_timeout<T>(
     }
 }
 
-async fn write_buf<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut BytesMut, t: Option<Duration>, kind: Timeout) -> Result<()> {
+async fn write_buf<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    buf: &mut BytesMut,
+    t: Option<Duration>,
+    kind: Timeout,
+) -> Result<()> {
     with_timeout(t, kind, async {
         w.write_all(buf).await?;
         w.flush().await
@@ -402,7 +416,11 @@ async fn read_request<R: AsyncRead + Unpin>(r: &mut R, codec: &FrameCodec) -> Re
 }
 
 /// Serves one request on its master stream.
-async fn serve_request<M: Multiplexer>(ctx: &Arc<Ctx<M>>, mut master: M::Stream, from: Addr) -> Result<()> {
+async fn serve_request<M: Multiplexer>(
+    ctx: &Arc<Ctx<M>>,
+    mut master: M::Stream,
+    from: Addr,
+) -> Result<()> {
     let codec = ctx.codec();
     let req = with_timeout(ctx.cfg.master_read_timeout, Timeout::MasterRead, async {
         read_request(&mut master, &codec)
@@ -437,10 +455,23 @@ async fn serve_request<M: Multiplexer>(ctx: &Arc<Ctx<M>>, mut master: M::Stream,
         let item = match sources.next().now_or_never() {
             Some(item) => item,
             None => {
-                write_buf(&mut master, &mut wbuf, ctx.cfg.master_write_timeout, Timeout::MasterWrite).await?;
+                write_buf(
+                    &mut master,
+                    &mut wbuf,
+                    ctx.cfg.master_write_timeout,
+                    Timeout::MasterWrite,
+                )
+                .await?;
                 let sourcing = ctx.cfg.sourcing_timeout.map(|t| Instant::now() + t);
                 let deadline = match (serving_deadline, sourcing) {
-                    (Some(a), Some(b)) => Some((a.min(b), if a <= b { Timeout::Serving } else { Timeout::Sourcing })),
+                    (Some(a), Some(b)) => Some((
+                        a.min(b),
+                        if a <= b {
+                            Timeout::Serving
+                        } else {
+                            Timeout::Sourcing
+                        },
+                    )),
                     (Some(a), None) => Some((a, Timeout::Serving)),
                     (None, Some(b)) => Some((b, Timeout::Sourcing)),
                     (None, None) => None,
@@ -472,15 +503,34 @@ async fn serve_request<M: Multiplexer>(ctx: &Arc<Ctx<M>>, mut master: M::Stream,
             }
         };
         let id = next_id;
-        next_id = next_id.checked_add(1).ok_or_else(|| Error::Protocol("more than 2^32 sources".into()))?;
+        next_id = next_id
+            .checked_add(1)
+            .ok_or_else(|| Error::Protocol("more than 2^32 sources".into()))?;
         announce(ctx, source, id, &req, &mut wbuf);
         if wbuf.len() >= WRITE_BATCH {
-            write_buf(&mut master, &mut wbuf, ctx.cfg.master_write_timeout, Timeout::MasterWrite).await?;
+            write_buf(
+                &mut master,
+                &mut wbuf,
+                ctx.cfg.master_write_timeout,
+                Timeout::MasterWrite,
+            )
+            .await?;
         }
     }
     put_msg(&mut wbuf, &[MSG_END], &[]);
-    write_buf(&mut master, &mut wbuf, ctx.cfg.master_write_timeout, Timeout::MasterWrite).await?;
-    let _ = with_timeout(ctx.cfg.master_write_timeout, Timeout::MasterWrite, master.shutdown()).await;
+    write_buf(
+        &mut master,
+        &mut wbuf,
+        ctx.cfg.master_write_timeout,
+        Timeout::MasterWrite,
+    )
+    .await?;
+    let _ = with_timeout(
+        ctx.cfg.master_write_timeout,
+        Timeout::MasterWrite,
+        master.shutdown(),
+    )
+    .await;
     Ok(())
 }
 
@@ -507,17 +557,36 @@ fn put_msg(wbuf: &mut BytesMut, kind: &[u8], body: &[u8]) {
     wbuf.put_slice(body);
 }
 
-async fn fail_master<M: Multiplexer>(ctx: &Ctx<M>, master: &mut M::Stream, wbuf: &mut BytesMut, e: &Error) {
+async fn fail_master<M: Multiplexer>(
+    ctx: &Ctx<M>,
+    master: &mut M::Stream,
+    wbuf: &mut BytesMut,
+    e: &Error,
+) {
     let msg = e.to_string();
     put_msg(wbuf, &[MSG_ERROR], msg.as_bytes());
-    if write_buf(master, wbuf, ctx.cfg.master_write_timeout, Timeout::MasterWrite).await.is_ok() {
+    if write_buf(
+        master,
+        wbuf,
+        ctx.cfg.master_write_timeout,
+        Timeout::MasterWrite,
+    )
+    .await
+    .is_ok()
+    {
         let _ = master.shutdown().await;
     }
 }
 
 /// Announces a source: inline when it is small and complete already, else on the
 /// master with a pump task for its child stream.
-fn announce<M: Multiplexer>(ctx: &Arc<Ctx<M>>, mut source: Source, id: u32, req: &RequestMsg, wbuf: &mut BytesMut) {
+fn announce<M: Multiplexer>(
+    ctx: &Arc<Ctx<M>>,
+    mut source: Source,
+    id: u32,
+    req: &RequestMsg,
+    wbuf: &mut BytesMut,
+) {
     let mut ready = VecDeque::new();
     let mut size = source.header().len();
     let mut complete = false;
@@ -586,7 +655,10 @@ async fn pump<M: Multiplexer>(
     req_id: u64,
     id: u32,
 ) -> Result<()> {
-    let mut s = ctx.mux.dial(reply, ctx.cfg.chan_accept_timeout, &[]).await?;
+    let mut s = ctx
+        .mux
+        .dial(reply, ctx.cfg.chan_accept_timeout, &[])
+        .await?;
     let codec = ctx.codec();
     let wt = ctx.cfg.frame_write_timeout;
     let mut wbuf = BytesMut::with_capacity(WRITE_BATCH + 1024);

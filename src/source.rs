@@ -145,7 +145,10 @@ impl Source {
     pub fn channel(header: impl Into<Bytes>, capacity: usize) -> (SourceSender, Source) {
         let (tx, mut rx) = mpsc::channel(capacity);
         let frames = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        (SourceSender { tx: Some(tx) }, Source::try_new(header, frames))
+        (
+            SourceSender { tx: Some(tx) },
+            Source::try_new(header, frames),
+        )
     }
 
     pub(crate) fn inline(header: Bytes, meta: Meta, frames: VecDeque<Bytes>) -> Self {
@@ -354,10 +357,12 @@ impl RemoteFrames {
         match r {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(from_io(e))),
-            Poll::Ready(Ok(())) if n == 0 => Poll::Ready(Err(match self.codec.check_eof(&self.buf) {
-                Err(e @ Error::Truncated { .. }) => e,
-                _ => Error::Reset,
-            })),
+            Poll::Ready(Ok(())) if n == 0 => {
+                Poll::Ready(Err(match self.codec.check_eof(&self.buf) {
+                    Err(e @ Error::Truncated { .. }) => e,
+                    _ => Error::Reset,
+                }))
+            }
             Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
         }
     }

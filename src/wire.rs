@@ -35,24 +35,28 @@ fn get_str(b: &mut Bytes, len: usize, what: &str) -> Result<String> {
     if b.remaining() < len {
         return short(what);
     }
-    String::from_utf8(b.split_to(len).to_vec()).map_err(|_| Error::Protocol(format!("{what} is not UTF-8")))
+    String::from_utf8(b.split_to(len).to_vec())
+        .map_err(|_| Error::Protocol(format!("{what} is not UTF-8")))
 }
 
 impl RequestMsg {
     pub fn encode(&self) -> Result<BytesMut> {
         let mut m = BytesMut::with_capacity(32 + self.reply.len() + self.body.len());
         m.put_u64_le(self.id);
-        let reply_len = u8::try_from(self.reply.len()).map_err(|_| Error::Protocol("reply address too long".into()))?;
+        let reply_len = u8::try_from(self.reply.len())
+            .map_err(|_| Error::Protocol("reply address too long".into()))?;
         m.put_u8(reply_len);
         m.put_slice(self.reply.as_bytes());
-        let ntags = u16::try_from(self.tags.len()).map_err(|_| Error::Protocol("more than 65535 tags".into()))?;
+        let ntags = u16::try_from(self.tags.len())
+            .map_err(|_| Error::Protocol("more than 65535 tags".into()))?;
         m.put_u16_le(ntags);
         for t in &self.tags {
             let (kind, v) = match t {
                 RequestTag::Meta(v) => (TAG_META, v),
                 RequestTag::Bucket(v) => (TAG_BUCKET, v),
             };
-            let len = u16::try_from(v.len()).map_err(|_| Error::Protocol("tag longer than 64 KiB".into()))?;
+            let len = u16::try_from(v.len())
+                .map_err(|_| Error::Protocol("tag longer than 64 KiB".into()))?;
             m.put_u8(kind);
             m.put_u16_le(len);
             m.put_slice(v.as_bytes());
@@ -86,16 +90,30 @@ impl RequestMsg {
                 k => return Err(Error::Protocol(format!("unknown tag kind {k}"))),
             });
         }
-        Ok(RequestMsg { id, reply, tags, body: b })
+        Ok(RequestMsg {
+            id,
+            reply,
+            tags,
+            body: b,
+        })
     }
 }
 
 /// A message from the server on the master stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum MasterMsg {
-    Accept { node: u64 },
-    Announce { id: u32, header: Bytes },
-    Inline { id: u32, header: Bytes, frames: Vec<Bytes> },
+    Accept {
+        node: u64,
+    },
+    Announce {
+        id: u32,
+        header: Bytes,
+    },
+    Inline {
+        id: u32,
+        header: Bytes,
+        frames: Vec<Bytes>,
+    },
     End,
     Error(String),
 }
@@ -106,7 +124,9 @@ impl MasterMsg {
             return short("master message");
         }
         match b.get_u8() {
-            MSG_ACCEPT if b.remaining() >= 8 => Ok(MasterMsg::Accept { node: b.get_u64_le() }),
+            MSG_ACCEPT if b.remaining() >= 8 => Ok(MasterMsg::Accept {
+                node: b.get_u64_le(),
+            }),
             MSG_ANNOUNCE if b.remaining() >= 4 => Ok(MasterMsg::Announce {
                 id: b.get_u32_le(),
                 header: b,

@@ -76,3 +76,269 @@ async fn dial_by_name_over_tcp() {
     // Local dial needs no link.
     assert_eq!(roundtrip(&a, "echo", b"local").await.unwrap(), b"local");
 }
+
+#[tokio::test]
+async fn bind_conflict_and_unbind_on_drop() {
+    let n = Node::new();
+    let l = n.bind("svc").unwrap();
+    assert!(matches!(n.bind("svc"), Err(Error::AddrInUse(_))));
+    let p = n.bind(":0").unwrap();
+    assert!(p.local_addr().vaddr().starts_with(':'));
+    assert!(matches!(
+        n.bind(p.local_addr().vaddr()),
+        Err(Error::AddrInUse(_))
+    ));
+    drop(l);
+    let _again = n.bind("svc").unwrap();
+    assert!(matches!(n.bind("a/b"), Err(Error::InvalidAddress(..))));
+    assert!(matches!(n.bind(""), Err(Error::InvalidAddress(..))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_address_fails_at_once() {
+    let (a, b) = pair().await;
+    // Unknown names fail locally, without waiting for any timeout (time is paused and
+    // nothing advances it).
+    let t0 = tokio::time::Instant::now();
+    assert!(matches!(
+        b.dial("nope", T, &[]).await,
+        Err(Error::NoSuchAddress(_))
+    ));
+    assert!(matches!(
+        b.dial(":77", T, &[]).await,
+        Err(Error::NoSuchAddress(_))
+    ));
+    // An unbound port on a linked node: the remote answers at once.
+    let mut s = b
+        .dial(&format!("{:016x}:4242", a.id()), T, &[])
+        .await
+        .unwrap();
+    let err = s.accepted().await.unwrap_err();
+    assert!(matches!(err, Error::NoSuchAddress(_)), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn unix_socket_and_in_memory_links() {
+    let dir = std::env::temp_dir().join(format!("chanserv-test-{}", std::process::id()));
+    let _ = std::fs::remove_file(&dir);
+    let a = Node::new();
+    let b = Node::new();
+    a.listen_unix(&dir).await.unwrap();
+    assert_eq!(b.join_unix(&dir).await.unwrap(), a.id());
+    let _srv = echo_server(&a, "echo").await;
+    until_known(&b, "echo").await;
+    assert_eq!(roundtrip(&b, "echo", b"unix").await.unwrap(), b"unix");
+    let _ = std::fs::remove_file(&dir);
+
+    let c = Node::new();
+    let d = Node::new();
+    let (x, y) = tokio::io::duplex(64 * 1024);
+    let (rc, rd) = tokio::join!(c.attach(x, true), d.attach(y, false));
+    assert_eq!((rc.unwrap(), rd.unwrap()), (d.id(), c.id()));
+    let _srv2 = echo_server(&c, "echo").await;
+    until_known(&d, "echo").await;
+    assert_eq!(roundtrip(&d, "echo", b"duplex").await.unwrap(), b"duplex");
+}
+
+#[tokio::test]
+async fn wrong_handshake_is_a_clear_error() {
+    let n = Node::new();
+    let (x, mut y) = tokio::io::duplex(1024);
+    let peer = tokio::spawn(async move {
+        y.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut sink = vec![0u8; 64];
+        let _ = y.read(&mut sink).await;
+        y
+    });
+    assert!(matches!(n.attach(x, true).await, Err(Error::Protocol(_))));
+    drop(peer.await);
+
+    let (x, mut y) = tokio::io::duplex(1024);
+    tokio::spawn(async move {
+        let mut h = b"CHANSERV".to_vec();
+        h.extend_from_slice(&99u16.to_le_bytes());
+        h.extend_from_slice(&7u64.to_le_bytes());
+        h.extend_from_slice(&16u32.to_le_bytes());
+        y.write_all(&h).await.unwrap();
+        let mut sink = vec![0u8; 64];
+        let _ = y.read(&mut sink).await;
+    });
+    let err = n.attach(x, true).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::VersionMismatch {
+                ours: 1,
+                theirs: 99
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn keepalive_detects_a_silent_link() {
+    let n = Node::new();
+    let mut events = n.subscribe();
+    let (x, mut y) = tokio::io::duplex(1 << 20);
+    // A peer that completes the handshake and then never says another word.
+    let silent = tokio::spawn(async move {
+        let mut h = b"CHANSERV".to_vec();
+        h.extend_from_slice(&1u16.to_le_bytes());
+        h.extend_from_slice(&7u64.to_le_bytes());
+        h.extend_from_slice(&16u32.to_le_bytes());
+        y.write_all(&h).await.unwrap();
+        let mut theirs = [0u8; 22];
+        y.read_exact(&mut theirs).await.unwrap();
+        y // held open, never read again
+    });
+    assert_eq!(n.attach(x, true).await.unwrap(), 7);
+    let _held = silent.await.unwrap();
+    assert_eq!(events.recv().await.unwrap(), LinkEvent::Up(7));
+    let t0 = tokio::time::Instant::now();
+    assert_eq!(events.recv().await.unwrap(), LinkEvent::Down(7));
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(19) && waited <= Duration::from_secs(21),
+        "{waited:?}"
+    );
+    assert!(n.peers().is_empty());
+}
+
+/// A service that answers every stream with its node's id.
+fn whoami(node: &Node, vaddr: &str) -> tokio::task::JoinHandle<()> {
+    let mut l = node.bind(vaddr).unwrap();
+    let id = node.id();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(&id.to_le_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    })
+}
+
+async fn owner(node: &Node, bucket: &str) -> u64 {
+    let mut s = node
+        .dial("kv", T, &[chanserv::RequestTag::Bucket(bucket.into())])
+        .await
+        .unwrap();
+    let mut id = [0u8; 8];
+    s.read_exact(&mut id).await.map_err(chanserv_err).unwrap();
+    u64::from_le_bytes(id)
+}
+
+#[tokio::test]
+async fn leaving_node_withdraws_names_and_buckets_are_stable() {
+    let hub = Node::new();
+    let addr = hub.listen("127.0.0.1:0").await.unwrap();
+    let mut events = hub.subscribe();
+    let servers: Vec<Node> = (0..3).map(|_| Node::new()).collect();
+    let mut services = Vec::new();
+    for s in &servers {
+        services.push(whoami(s, "kv"));
+        s.join(addr).await.unwrap();
+    }
+    for _ in 0..3 {
+        assert!(matches!(events.recv().await.unwrap(), LinkEvent::Up(_)));
+    }
+    // Names arrive by the control stream: wait until dials reach all three.
+    let buckets: Vec<String> = (0..90).map(|i| format!("user-{i}")).collect();
+    let mut before = Vec::new();
+    for _ in 0..500 {
+        before.clear();
+        for b in &buckets {
+            before.push(owner(&hub, b).await);
+        }
+        let distinct: std::collections::HashSet<_> = before.iter().collect();
+        if distinct.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // That pass may have begun before the last node's names arrived: take a fresh one.
+    before.clear();
+    for b in &buckets {
+        before.push(owner(&hub, b).await);
+    }
+    let distinct: std::collections::HashSet<_> = before.iter().copied().collect();
+    assert_eq!(distinct.len(), 3, "buckets spread over all three nodes");
+    // Stable: the same bucket goes to the same node.
+    for (b, o) in buckets.iter().zip(&before) {
+        assert_eq!(owner(&hub, b).await, *o, "bucket {b}: {before:x?}");
+    }
+    // One node leaves: only its buckets move.
+    let gone = servers[1].id();
+    servers[1].shutdown().await;
+    assert_eq!(events.recv().await.unwrap(), LinkEvent::Down(gone));
+    for (b, o) in buckets.iter().zip(&before) {
+        let now = owner(&hub, b).await;
+        if *o == gone {
+            assert_ne!(now, gone);
+        } else {
+            assert_eq!(now, *o, "bucket {b} moved although its node stayed");
+        }
+    }
+    // Without a bucket, dial by name reaches only the remaining nodes.
+    for _ in 0..10 {
+        let mut s = hub.dial("kv", T, &[]).await.unwrap();
+        let mut id = [0u8; 8];
+        s.read_exact(&mut id).await.unwrap();
+        assert_ne!(u64::from_le_bytes(id), gone);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_concurrent_streams_on_one_link() {
+    let (a, b) = pair().await;
+    let _srv = echo_server(&a, "echo").await;
+    until_known(&b, "echo").await;
+    let mut tasks = Vec::new();
+    for i in 0..10_000u32 {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            let msg = i.to_le_bytes();
+            roundtrip(&b, "echo", &msg).await.map(|r| r == msg)
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap().unwrap() {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 10_000);
+    assert_eq!(b.link_count(a.id()), 1, "the link survived");
+}
+
+#[tokio::test]
+async fn links_rotate_before_stream_ids_run_out() {
+    let a = Node::new();
+    let mut cfg = NodeConfig::default();
+    cfg.rotate_after(10);
+    let b = Node::with_config(cfg);
+    let addr = a.listen("127.0.0.1:0").await.unwrap();
+    b.join(addr).await.unwrap();
+    let _srv = echo_server(&a, "echo").await;
+    until_known(&b, "echo").await;
+    // A stream held open across rotations keeps working on its old link.
+    let mut held = b.dial("echo", T, &[]).await.unwrap();
+    for i in 0..45u32 {
+        let msg = i.to_le_bytes();
+        assert_eq!(roundtrip(&b, "echo", &msg).await.unwrap(), msg);
+    }
+    held.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    held.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+    assert!(
+        b.links_established() >= 4,
+        "links: {}",
+        b.links_established()
+    );
+    assert_eq!(b.peers(), vec![a.id()]);
+}

@@ -1,0 +1,348 @@
+//! The benchmark workloads of `WORKLOADS.md` (`connect`, `heavy`, `flood`) on chanserv,
+//! printed in the format of the peers harness so the lines sit side by side.
+//!
+//! ```sh
+//! cargo run --release --example bench -- all
+//! cargo run --release --example bench -- flood --rt split
+//! cargo run --release --example bench -- heavy --lz4            # compressible payload
+//! cargo run --release --example bench -- heavy --lz4 --random   # incompressible payload
+//! cargo run --release --example bench -- flood --sources 100000 --frames 50
+//! ```
+//!
+//! Client and server are two `Node`s joined over loopback TCP in one process. Every
+//! frame is produced on the server per frame (a slice of one shared 1 MiB buffer) and
+//! received as its own item; the client checks every source's frame count and byte
+//! total, and the run fails if any is off. `all` runs each workload in a fresh process,
+//! so `rss_mib` (peak RSS, `VmHWM`) is per workload.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chanserv::{Client, ClientConfig, Node, Server, ServerConfig, Source};
+use futures::{stream, StreamExt};
+
+const MIB: usize = 1024 * 1024;
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    sources: u32,
+    frames: u32,
+    size: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Args {
+    workload: String,
+    rt: String,
+    lz4: bool,
+    random: bool,
+    shape: Option<Shape>,
+    n: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        workload: String::new(),
+        rt: "shared".into(),
+        lz4: false,
+        random: false,
+        shape: None,
+        n: 20_000,
+    };
+    let mut sources = None;
+    let mut frames = None;
+    let mut size = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        let mut num = |name: &str| -> Result<usize, String> {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("{name} needs a number"))
+        };
+        match x.as_str() {
+            "--rt" => a.rt = it.next().ok_or("--rt needs shared|split|single")?,
+            "--lz4" => a.lz4 = true,
+            "--random" => a.random = true,
+            "--sources" => sources = Some(num("--sources")? as u32),
+            "--frames" => frames = Some(num("--frames")? as u32),
+            "--size" => size = Some(num("--size")?),
+            "--requests" => a.n = num("--requests")?,
+            w if !w.starts_with('-') && a.workload.is_empty() => a.workload = w.into(),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if !["shared", "split", "single"].contains(&a.rt.as_str()) {
+        return Err(format!("unknown runtime {}", a.rt));
+    }
+    let base = match a.workload.as_str() {
+        "connect" => Shape { sources: 1, frames: 1, size: 0 },
+        "heavy" => Shape { sources: 10, frames: 500, size: MIB },
+        "flood" => Shape { sources: 1000, frames: 5000, size: 64 },
+        "all" => return Ok(a),
+        w => return Err(format!("usage: bench <connect|heavy|flood|all> [--lz4 [--random]] [--rt shared|split|single]; unknown workload {w:?}")),
+    };
+    if sources.is_some() || frames.is_some() || size.is_some() {
+        a.shape = Some(Shape {
+            sources: sources.unwrap_or(base.sources),
+            frames: frames.unwrap_or(base.frames),
+            size: size.unwrap_or(base.size),
+        });
+    }
+    a.shape.get_or_insert(base);
+    Ok(a)
+}
+
+fn payload(random: bool) -> Bytes {
+    if random {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        (0..MIB)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect::<Vec<u8>>()
+            .into()
+    } else {
+        // Text-like and compressible, as real frames often are.
+        let words = b"chanserv nested channels over a stream multiplexer sources frames ";
+        words
+            .iter()
+            .copied()
+            .cycle()
+            .take(MIB)
+            .collect::<Vec<u8>>()
+            .into()
+    }
+}
+
+fn vm_hwm_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.workload == "all" {
+        return run_all();
+    }
+    match run(&args) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!(
+                "peer=chanserv workload={} rt={} error={e:?}",
+                args.workload, args.rt
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_all() -> ExitCode {
+    let exe = std::env::current_exe().expect("own path");
+    let rest: Vec<String> = std::env::args().skip(2).collect();
+    let mut ok = true;
+    for w in ["connect", "heavy", "flood"] {
+        let st = std::process::Command::new(&exe).arg(w).args(&rest).status();
+        ok &= st.is_ok_and(|s| s.success());
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    let mut b = if threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    b.enable_all().build().expect("runtime")
+}
+
+fn run(a: &Args) -> Result<String, String> {
+    let shape = a.shape.expect("set by parse_args");
+    let (srv_rt, cli_rt) = match a.rt.as_str() {
+        "shared" => (runtime(2), None),
+        "split" => (runtime(1), Some(runtime(1))),
+        _ => (runtime(0), None),
+    };
+    let cli = cli_rt.as_ref().unwrap_or(&srv_rt);
+    let payload = payload(a.random);
+    let lz4 = a.lz4;
+    let (server_node, _handle) = srv_rt.block_on(async {
+        let node = Node::new();
+        let addr = node
+            .listen("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut cfg = ServerConfig::default();
+        cfg.use_compression(lz4);
+        let p = payload.clone();
+        let handle = Server::with_config(node.clone(), cfg)
+            .listen_and_serve(&a.workload, move |_req| {
+                let p = p.clone();
+                stream::iter(0..shape.sources).map(move |_| {
+                    let p = p.clone();
+                    Source::new(
+                        Bytes::new(),
+                        stream::iter(0..shape.frames).map(move |_| p.slice(0..shape.size)),
+                    )
+                })
+            })
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(((node, addr), handle))
+    })?;
+    let (server_node, addr) = server_node;
+    let client = cli.block_on(async {
+        let node = Node::new();
+        node.join(addr).await.map_err(|e| e.to_string())?;
+        if !node
+            .wait_for_name(&a.workload, Duration::from_secs(10))
+            .await
+        {
+            return Err("service never announced".to_string());
+        }
+        let mut cfg = ClientConfig::default();
+        cfg.frame_size_limit(chanserv::frame::FRAME_SIZE_LIMIT);
+        Client::with_config(node, cfg).map_err(|e| e.to_string())
+    })?;
+    let body: &'static [u8] = if a.workload == "connect" {
+        b"hello"
+    } else {
+        b""
+    };
+    let work = a.workload.clone();
+    let line = if a.workload == "connect" {
+        let n = a.n;
+        let (mut lat, secs, cpu) = cli.block_on(async move {
+            for _ in 0..2000 {
+                request(&client, &work, body, shape).await?;
+            }
+            let mut lat = Vec::with_capacity(n);
+            let (c0, t0) = (cpu_secs(), Instant::now());
+            for _ in 0..n {
+                let t = Instant::now();
+                request(&client, &work, body, shape).await?;
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            Ok::<_, String>((lat, t0.elapsed().as_secs_f64(), cpu_secs() - c0))
+        })?;
+        lat.sort_by(f64::total_cmp);
+        let median = lat[lat.len() / 2];
+        let p99 = lat[lat.len() * 99 / 100];
+        let mean = lat.iter().sum::<f64>() / lat.len() as f64;
+        format!(
+            "peer=chanserv workload=connect rt={} n={n} median_us={median:.1} p99_us={p99:.1} mean_us={mean:.1} req_per_s={:.0} cpu_util={:.2} rss_mib={:.1}",
+            a.rt,
+            n as f64 / secs,
+            cpu / secs,
+            vm_hwm_mib()
+        )
+    } else {
+        let (secs, cpu) = cli.block_on(async move {
+            request(&client, &work, body, shape).await?; // warm-up
+            let (c0, t0) = (cpu_secs(), Instant::now());
+            request(&client, &work, body, shape).await?;
+            Ok::<_, String>((t0.elapsed().as_secs_f64(), cpu_secs() - c0))
+        })?;
+        let frames = u64::from(shape.sources) * u64::from(shape.frames);
+        let bytes = frames * shape.size as u64;
+        format!(
+            "peer=chanserv workload={}{} rt={} secs={secs:.3} frames={frames} bytes={bytes} frames_per_s={:.3e} mib_per_s={:.1} cpu_util={:.2} rss_mib={:.1}",
+            a.workload,
+            if a.lz4 { if a.random { "-lz4-random" } else { "-lz4" } } else { "" },
+            a.rt,
+            frames as f64 / secs,
+            bytes as f64 / MIB as f64 / secs,
+            cpu / secs,
+            vm_hwm_mib()
+        )
+    };
+    drop(server_node);
+    Ok(line)
+}
+
+/// One request: every source read on its own task, every count and byte checked.
+async fn request(
+    client: &Client<Node>,
+    service: &str,
+    body: &'static [u8],
+    shape: Shape,
+) -> Result<(), String> {
+    let mut sources = client
+        .lookup_and_post(service, body, &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut readers = Vec::with_capacity(shape.sources as usize);
+    let mut counted = Vec::new();
+    while let Some(s) = sources.next().await {
+        let mut s = s.map_err(|e| e.to_string())?;
+        if !s.header().is_empty() {
+            return Err("non-empty header".into());
+        }
+        if shape.sources == 1 {
+            // connect: read in place, as a caller waiting for one answer would.
+            counted.push(count(&mut s).await?);
+        } else {
+            readers.push(tokio::spawn(async move { count(&mut s).await }));
+        }
+    }
+    for r in readers {
+        counted.push(r.await.map_err(|e| e.to_string())??);
+    }
+    if counted.len() != shape.sources as usize {
+        return Err(format!(
+            "{} sources, expected {}",
+            counted.len(),
+            shape.sources
+        ));
+    }
+    for (frames, bytes) in counted {
+        if frames != u64::from(shape.frames) || bytes != u64::from(shape.frames) * shape.size as u64
+        {
+            return Err(format!("source got {frames} frames / {bytes} bytes"));
+        }
+    }
+    Ok(())
+}
+
+async fn count(s: &mut Source) -> Result<(u64, u64), String> {
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    while let Some(f) = s.next().await {
+        let f = f.map_err(|e| e.to_string())?;
+        frames += 1;
+        bytes += f.len() as u64;
+    }
+    Ok((frames, bytes))
+}
