@@ -664,17 +664,27 @@ async fn pump<M: Multiplexer>(
     let mut wbuf = BytesMut::with_capacity(WRITE_BATCH + 1024);
     wbuf.put_u64_le(req_id);
     wbuf.put_u32_le(id);
+    let mut end = None;
     for f in ready {
-        if let Some(big) = codec.encode_split(f, &mut wbuf)? {
-            write_buf(&mut s, &mut wbuf, wt, Timeout::FrameWrite).await?;
-            with_timeout(wt, Timeout::FrameWrite, s.write_all(&big)).await?;
+        match codec.encode_split(f, &mut wbuf) {
+            Ok(Some(big)) => {
+                write_buf(&mut s, &mut wbuf, wt, Timeout::FrameWrite).await?;
+                with_timeout(wt, Timeout::FrameWrite, s.write_all(&big)).await?;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                end = Some(Err(e));
+                break;
+            }
         }
     }
-    let mut end = match (complete, pending_err) {
-        (_, Some(e)) => Some(Err(e)),
-        (true, None) => Some(Ok(())),
-        (false, None) => None,
-    };
+    if end.is_none() {
+        end = match (complete, pending_err) {
+            (_, Some(e)) => Some(Err(e)),
+            (true, None) => Some(Ok(())),
+            (false, None) => None,
+        };
+    }
     while end.is_none() {
         let item = match source.next().now_or_never() {
             Some(item) => item,
@@ -686,14 +696,19 @@ async fn pump<M: Multiplexer>(
             }
         };
         match item {
-            Some(Ok(f)) => {
-                if let Some(big) = codec.encode_split(f, &mut wbuf)? {
+            // A frame the codec refuses (over the limit) fails the source: the client
+            // is told why instead of waiting for frames that never come.
+            Some(Ok(f)) => match codec.encode_split(f, &mut wbuf) {
+                Ok(Some(big)) => {
                     write_buf(&mut s, &mut wbuf, wt, Timeout::FrameWrite).await?;
                     with_timeout(wt, Timeout::FrameWrite, s.write_all(&big)).await?;
-                } else if wbuf.len() >= WRITE_BATCH {
+                }
+                Ok(None) if wbuf.len() >= WRITE_BATCH => {
                     write_buf(&mut s, &mut wbuf, wt, Timeout::FrameWrite).await?;
                 }
-            }
+                Ok(None) => {}
+                Err(e) => end = Some(Err(e)),
+            },
             Some(Err(e)) => end = Some(Err(e)),
             None => end = Some(Ok(())),
         }
