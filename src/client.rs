@@ -15,14 +15,16 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::stream::{FusedStream, FuturesUnordered, Stream, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, FRAME_SIZE_LIMIT};
 use crate::mux::{from_io, Addr, Listener, Multiplexer};
-use crate::source::{BoxRead, ChildStream, Meta, RemoteFrames, RequestTag, Source};
+use crate::source::{
+    poll_read_append, BoxRead, ChildStream, Meta, RemoteFrames, RequestTag, Source,
+};
 use crate::wire::{MasterMsg, RequestMsg, CHILD_PREFIX_LEN};
 
 /// A callback for errors nobody else sees (Go's `OnError` options).
@@ -384,16 +386,10 @@ impl Sources {
             return Poll::Ready(Err(Error::Reset));
         };
         let want = self.codec.bytes_needed(&self.buf).clamp(4096, 64 * 1024);
-        let start = self.buf.len();
-        self.buf.resize(start + want, 0);
-        let mut rb = ReadBuf::new(&mut self.buf[start..]);
-        let r = Pin::new(master).poll_read(cx, &mut rb);
-        let n = rb.filled().len();
-        self.buf.truncate(start + n);
-        match ready!(r) {
+        match ready!(poll_read_append(master, cx, &mut self.buf, want)) {
             Err(e) => Poll::Ready(Err(from_io(e))),
-            Ok(()) if n == 0 => Poll::Ready(Err(Error::Reset)),
-            Ok(()) => Poll::Ready(Ok(())),
+            Ok(0) => Poll::Ready(Err(Error::Reset)),
+            Ok(_) => Poll::Ready(Ok(())),
         }
     }
 }

@@ -348,22 +348,13 @@ impl RemoteFrames {
         // Grow with what arrived: at most one chunk, or the buffered amount, beyond it.
         let needed = self.codec.bytes_needed(&self.buf);
         let want = needed.clamp(READ_CHUNK / 4, READ_CHUNK.max(self.buf.len()));
-        let start = self.buf.len();
-        self.buf.resize(start + want, 0);
-        let mut rb = ReadBuf::new(&mut self.buf[start..]);
-        let r = Pin::new(stream).poll_read(cx, &mut rb);
-        let n = rb.filled().len();
-        self.buf.truncate(start + n);
-        match r {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(e)) => Poll::Ready(Err(from_io(e))),
-            Poll::Ready(Ok(())) if n == 0 => {
-                Poll::Ready(Err(match self.codec.check_eof(&self.buf) {
-                    Err(e @ Error::Truncated { .. }) => e,
-                    _ => Error::Reset,
-                }))
-            }
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+        match ready!(poll_read_append(stream, cx, &mut self.buf, want)) {
+            Err(e) => Poll::Ready(Err(from_io(e))),
+            Ok(0) => Poll::Ready(Err(match self.codec.check_eof(&self.buf) {
+                Err(e @ Error::Truncated { .. }) => e,
+                _ => Error::Reset,
+            })),
+            Ok(_) => Poll::Ready(Ok(())),
         }
     }
 
@@ -381,3 +372,21 @@ impl RemoteFrames {
 }
 
 use std::future::Future;
+
+/// Reads up to `want` bytes onto the end of `buf` (`Ok(0)` at end of stream). The room
+/// is zeroed before the read (safe code cannot read into uninitialised memory) and cut
+/// back to what arrived, so `buf` only ever grows by bytes that came.
+pub(crate) fn poll_read_append<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    want: usize,
+) -> Poll<std::io::Result<usize>> {
+    let start = buf.len();
+    buf.resize(start + want, 0);
+    let mut rb = ReadBuf::new(&mut buf[start..]);
+    let res = Pin::new(r).poll_read(cx, &mut rb);
+    let n = rb.filled().len();
+    buf.truncate(start + n);
+    res.map(|r| r.map(|()| n))
+}
