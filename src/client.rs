@@ -41,6 +41,7 @@ pub type ErrorFn = Arc<dyn Fn(&Error) + Send + Sync>;
 /// | `master_read_timeout` | none |
 /// | `master_write_timeout` | none |
 /// | `frame_read_timeout` | none |
+/// | `chan_accept_timeout` | 60 s |
 /// | `frame_size_limit` | 100 MiB |
 #[derive(Clone)]
 pub struct ClientConfig {
@@ -51,6 +52,7 @@ pub struct ClientConfig {
     master_read_timeout: Option<Duration>,
     master_write_timeout: Option<Duration>,
     frame_read_timeout: Option<Duration>,
+    chan_accept_timeout: Duration,
     frame_size_limit: usize,
 }
 
@@ -63,6 +65,7 @@ impl fmt::Debug for ClientConfig {
             .field("master_read_timeout", &self.master_read_timeout)
             .field("master_write_timeout", &self.master_write_timeout)
             .field("frame_read_timeout", &self.frame_read_timeout)
+            .field("chan_accept_timeout", &self.chan_accept_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -77,6 +80,7 @@ impl Default for ClientConfig {
             master_read_timeout: None,
             master_write_timeout: None,
             frame_read_timeout: None,
+            chan_accept_timeout: Duration::from_secs(60),
             frame_size_limit: FRAME_SIZE_LIMIT,
         }
     }
@@ -126,6 +130,14 @@ impl ClientConfig {
     /// Longest wait for the next frame of a source.
     pub fn frame_read_timeout(&mut self, t: Option<Duration>) -> &mut Self {
         self.frame_read_timeout = t;
+        self
+    }
+    /// Longest wait for an announced source's child stream. The server dials it back
+    /// within its own chan accept timeout (30 s by default); if it never comes (the
+    /// server could not reach this client), the source fails with
+    /// [`Timeout::ChanAccept`] instead of waiting forever.
+    pub fn chan_accept_timeout(&mut self, t: Duration) -> &mut Self {
+        self.chan_accept_timeout = t;
         self
     }
     /// Largest frame accepted (see [`FrameCodec::with_limit`]).
@@ -355,6 +367,7 @@ impl Sources {
                     max_ahead: self.cfg.frame_buffer_size,
                     end: None,
                     read_timeout: self.cfg.frame_read_timeout,
+                    accept_timeout: self.cfg.chan_accept_timeout,
                     timer: None,
                     _guard: waiting.then(|| self.guard.clone() as Arc<dyn Send + Sync>),
                 };

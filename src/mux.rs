@@ -161,6 +161,7 @@ pub enum LinkEvent {
 /// | `rotate_after` | 2^31 − 2^20 streams opened per link |
 /// | `reconnect_backoff` | 100 ms doubling to 5 s |
 /// | `split_send_size` | 256 KiB |
+/// | `close_timeout` | 2 s |
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     max_streams: usize,
@@ -172,6 +173,7 @@ pub struct NodeConfig {
     reconnect_min: Duration,
     reconnect_max: Duration,
     split_send_size: usize,
+    close_timeout: Duration,
 }
 
 impl Default for NodeConfig {
@@ -186,6 +188,7 @@ impl Default for NodeConfig {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             split_send_size: 256 * 1024,
+            close_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -260,6 +263,14 @@ impl NodeConfig {
         self
     }
 
+    /// How long closing a link (node shutdown or drop, rotation, a dead peer) may spend
+    /// delivering what streams already wrote, their end-of-stream included, before the
+    /// socket is dropped.
+    pub fn close_timeout(&mut self, t: Duration) -> &mut Self {
+        self.close_timeout = t;
+        self
+    }
+
     fn yamux(&self, max_streams: usize) -> yamux::Config {
         let mut c = yamux::Config::default();
         // Memory is bounded by what peers actually send within their windows; the
@@ -296,7 +307,9 @@ const CTL_ROTATE: u8 = 4;
 ///
 /// Cheap to clone: clones share one node. Dropping the last clone (or calling
 /// [`shutdown`](Node::shutdown)) closes every link and listener of the node and stops
-/// its tasks; streams already handed out then fail with [`Error::Reset`]-like errors.
+/// its tasks. What streams already wrote, their shutdown included, is still delivered
+/// (for up to [`NodeConfig::close_timeout`]); streams still open then fail with
+/// [`Error::Reset`]-like errors.
 ///
 /// Virtual addresses:
 /// - a service name, `"chanserv"` or `"search:7"`: announced to linked peers;
@@ -535,10 +548,34 @@ impl Node {
         let Ok(v) = VAddr::parse(name) else {
             return false;
         };
+        self.wait_until(within, || self.inner.route(&v, None).is_ok())
+            .await
+    }
+
+    /// The nodes a dial to the service `name` may reach: this node if it binds the
+    /// name, and every linked peer that announced it. Sorted by node id.
+    pub fn providers(&self, name: &str) -> Vec<NodeId> {
+        let st = self.inner.state.lock().unwrap();
+        let mut v = peers_binding(&st, name);
+        if st.binds.contains_key(name) {
+            v.push(self.inner.id);
+        }
+        v.sort_unstable();
+        v
+    }
+
+    /// Waits until at least `count` nodes provide the service `name` (see
+    /// [`providers`](Node::providers)), up to `within`. Returns false on timeout.
+    pub async fn wait_for_providers(&self, name: &str, count: usize, within: Duration) -> bool {
+        self.wait_until(within, || self.providers(name).len() >= count)
+            .await
+    }
+
+    async fn wait_until(&self, within: Duration, mut ready: impl FnMut() -> bool) -> bool {
         let until = Instant::now() + within;
         loop {
             let changed = self.inner.names_changed.notified();
-            if self.inner.route(&v, None).is_ok() {
+            if ready() {
                 return true;
             }
             if tokio::time::timeout_at(until, changed).await.is_err() {
@@ -588,6 +625,7 @@ impl Multiplexer for Node {
             inner.announce_names(&st);
         }
         drop(st);
+        inner.names_changed.notify_waiters();
         Ok(NodeListener {
             rx,
             addr: Addr::new(inner.id, key),
@@ -657,12 +695,7 @@ impl Inner {
                 .map(|l| Route::Remote(l, format!(":{p}")))
                 .ok_or_else(|| none(format!("{id:016x}:{p} (no link to that node)"))),
             VAddr::Name(name) => {
-                let mut candidates: Vec<NodeId> = st
-                    .peer_names
-                    .iter()
-                    .filter(|(peer, names)| names.contains(name) && st.links.contains_key(peer))
-                    .map(|(peer, _)| *peer)
-                    .collect();
+                let mut candidates = peers_binding(&st, name);
                 let here = st.binds.contains_key(name);
                 if here && bucket.is_none() {
                     return Ok(local(name).expect("checked"));
@@ -883,17 +916,23 @@ impl Inner {
         let driver = {
             let inner = self.clone();
             let link = link.clone();
+            let close_timeout = self.cfg.close_timeout;
             self.tasks.spawn(async move {
+                let mut conn = conn;
                 let ctl_in = Arc::new(Mutex::new(Some(ctl_in_tx)));
                 tokio::select! {
-                    r = drive(conn, open_rx, |s| inner.clone().on_inbound(s, link.clone(), ctl_in.clone())) => {
+                    r = drive(&mut conn, open_rx, |s| inner.clone().on_inbound(s, link.clone(), ctl_in.clone())) => {
                         if let Err(e) = r {
                             tracing::debug!("link {:016x}: {e}", link.peer);
                         }
+                        link.cancel.cancel();
+                        return;
                     }
                     _ = link.cancel.cancelled() => {}
                 }
-                link.cancel.cancel();
+                // Closed from this side: deliver what streams already queued (their
+                // data and FIN), then a yamux GoAway, within a bound.
+                let _ = timeout(close_timeout, poll_fn(|cx| conn.poll_close(cx))).await;
             })
         };
         {
@@ -1228,7 +1267,7 @@ async fn read_open(s: &mut MuxStream) -> Result<Option<String>> {
 /// The one task that owns a yamux connection: serves open requests and keeps
 /// `poll_next_inbound` polled (it drives all of the connection's I/O).
 async fn drive<T, F>(
-    mut conn: yamux::Connection<T>,
+    conn: &mut yamux::Connection<T>,
     mut open_rx: mpsc::Receiver<OpenReq>,
     mut on_inbound: F,
 ) -> yamux::Result<()>
@@ -1285,6 +1324,15 @@ fn yamux_err(e: yamux::ConnectionError) -> Error {
         yamux::ConnectionError::Closed => Error::LinkClosed,
         other => Error::Protocol(other.to_string()),
     }
+}
+
+/// The linked peers that announced `name`.
+fn peers_binding(st: &State, name: &str) -> Vec<NodeId> {
+    st.peer_names
+        .iter()
+        .filter(|(peer, names)| names.contains(name) && st.links.contains_key(peer))
+        .map(|(peer, _)| *peer)
+        .collect()
 }
 
 /// Highest-random-weight (rendezvous) score: the node with the highest score for a

@@ -198,13 +198,19 @@ impl<E: fmt::Display + Send + 'static> SourceItem for Result<Source, E> {
 }
 
 /// Serves services on a multiplexer.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Server<M: Multiplexer> {
     mux: M,
     cfg: ServerConfig,
 }
 
-impl<M: Multiplexer + fmt::Debug> Server<M> {
+impl<M: Multiplexer> fmt::Debug for Server<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl<M: Multiplexer> Server<M> {
     /// A server with default settings.
     pub fn new(mux: M) -> Self {
         Self::with_config(mux, ServerConfig::default())
@@ -266,6 +272,14 @@ impl ServeHandle {
     /// The bound address.
     pub fn local_addr(&self) -> &Addr {
         &self.addr
+    }
+
+    /// Tasks the service runs now: its accept loop (until shutdown), one per request
+    /// whose sources are still being announced, one per source whose frames are being
+    /// sent. Every one of them ends with its request or source, so a service at rest
+    /// has exactly 1.
+    pub fn active_tasks(&self) -> usize {
+        self.tasks.len()
     }
 
     /// Stops accepting requests (the address is unbound at once), lets requests and
@@ -692,7 +706,14 @@ async fn pump<M: Multiplexer>(
                 if !wbuf.is_empty() {
                     write_buf(&mut s, &mut wbuf, wt, Timeout::FrameWrite).await?;
                 }
-                source.next().await
+                // The client never writes on a child stream: a read returns only when
+                // it dropped the source (or the link died). An idle producer is then
+                // dropped at once, not at its next frame.
+                let mut probe = [0u8; 1];
+                tokio::select! {
+                    item = source.next() => item,
+                    _ = s.read(&mut probe) => return Err(Error::Reset),
+                }
             }
         };
         match item {

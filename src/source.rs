@@ -278,6 +278,8 @@ pub(crate) struct RemoteFrames {
     /// Set once the stream's end (or failure) was decoded; drained after `ahead`.
     pub(crate) end: Option<Option<Error>>,
     pub(crate) read_timeout: Option<Duration>,
+    /// Longest wait for the child stream itself.
+    pub(crate) accept_timeout: Duration,
     pub(crate) timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Keeps the request's routing entry alive until the child stream arrived.
     pub(crate) _guard: Option<Arc<dyn Send + Sync>>,
@@ -340,6 +342,7 @@ impl RemoteFrames {
                     Ok(s) => {
                         self.stream = ChildStream::Reading(s);
                         self._guard = None;
+                        self.timer = None;
                     }
                     Err(_) => return Poll::Ready(Err(Error::Reset)),
                 },
@@ -359,15 +362,20 @@ impl RemoteFrames {
     }
 
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
-        let Some(t) = self.read_timeout else {
-            return Poll::Pending;
+        let (t, kind) = match (&self.stream, self.read_timeout) {
+            (ChildStream::Waiting(_), Some(r)) if r < self.accept_timeout => {
+                (r, Timeout::FrameRead)
+            }
+            (ChildStream::Waiting(_), _) => (self.accept_timeout, Timeout::ChanAccept),
+            (ChildStream::Reading(_), Some(r)) => (r, Timeout::FrameRead),
+            (ChildStream::Reading(_), None) => return Poll::Pending,
         };
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
         ready!(timer.as_mut().poll(cx));
         self.end = Some(None);
-        Poll::Ready(Some(Err(Error::Timeout(Timeout::FrameRead))))
+        Poll::Ready(Some(Err(Error::Timeout(kind))))
     }
 }
 

@@ -57,14 +57,10 @@ async fn pair() -> (Node, Node) {
 
 /// Waits until `node` can route `name` (names travel by the control stream).
 async fn until_known(node: &Node, name: &str) {
-    for _ in 0..500 {
-        match node.dial(name, T, &[]).await {
-            Err(Error::NoSuchAddress(_)) => tokio::task::yield_now().await,
-            _ => return,
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("{name} never became known");
+    assert!(
+        node.wait_for_name(name, T).await,
+        "{name} never became known"
+    );
 }
 
 #[tokio::test]
@@ -92,6 +88,30 @@ async fn bind_conflict_and_unbind_on_drop() {
     let _again = n.bind("svc").unwrap();
     assert!(matches!(n.bind("a/b"), Err(Error::InvalidAddress(..))));
     assert!(matches!(n.bind(""), Err(Error::InvalidAddress(..))));
+}
+
+#[tokio::test]
+async fn dropping_a_node_still_delivers_what_was_written() {
+    let (a, b) = pair().await;
+    let mut l = b.bind("sink").unwrap();
+    until_known(&a, "sink").await;
+    assert_eq!(a.providers("sink"), vec![b.id()]);
+    let reader = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        let r = s.read_to_end(&mut got).await;
+        (got, r.map_err(chanserv_err))
+    });
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
+    let mut s = a.dial("sink", T, &[]).await.unwrap();
+    s.write_all(&data).await.unwrap();
+    s.shutdown().await.unwrap();
+    drop(s);
+    drop(a); // the last handle: the link closes now
+    let (got, r) = reader.await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(got.len(), data.len());
+    assert!(got == data);
 }
 
 #[tokio::test(start_paused = true)]
@@ -246,22 +266,10 @@ async fn leaving_node_withdraws_names_and_buckets_are_stable() {
     for _ in 0..3 {
         assert!(matches!(events.recv().await.unwrap(), LinkEvent::Up(_)));
     }
-    // Names arrive by the control stream: wait until dials reach all three.
+    // Names arrive by the control stream: wait until the hub knows all three.
+    assert!(hub.wait_for_providers("kv", 3, T).await);
     let buckets: Vec<String> = (0..90).map(|i| format!("user-{i}")).collect();
     let mut before = Vec::new();
-    for _ in 0..500 {
-        before.clear();
-        for b in &buckets {
-            before.push(owner(&hub, b).await);
-        }
-        let distinct: std::collections::HashSet<_> = before.iter().collect();
-        if distinct.len() == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // That pass may have begun before the last node's names arrived: take a fresh one.
-    before.clear();
     for b in &buckets {
         before.push(owner(&hub, b).await);
     }
