@@ -7,6 +7,9 @@
 //! cargo run --release --example bench -- heavy --lz4            # compressible payload
 //! cargo run --release --example bench -- heavy --lz4 --random   # incompressible payload
 //! cargo run --release --example bench -- flood --sources 100000 --frames 50
+//! cargo run --release --example bench -- mux-heavy                 # raw Node streams
+//! cargo run --release --example bench -- mux-flood
+//! cargo run --release --example bench -- mux-heavy --sources 1 --frames 5000
 //! ```
 //!
 //! Client and server are two `Node`s joined over loopback TCP in one process. Every
@@ -14,6 +17,12 @@
 //! received as its own item; the client checks every source's frame count and byte
 //! total, and the run fails if any is off. `all` runs each workload in a fresh process,
 //! so `rss_mib` (peak RSS, `VmHWM`) is per workload.
+//!
+//! `mux-heavy` and `mux-flood` measure the multiplexer alone (`peer=node`): the same
+//! shapes as `heavy`/`flood`, one `Node` stream per source, with the application code of
+//! the peers harness's `yamux` peer (a `u32` source id, then length-delimited frames
+//! through tokio-util's `FramedWrite`/`FramedRead`), so the ratio to `peers yamux
+//! heavy|flood` is the cost of `Node` over raw yamux.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -78,9 +87,10 @@ fn parse_args() -> Result<Args, String> {
     let base = match a.workload.as_str() {
         "connect" => Shape { sources: 1, frames: 1, size: 0 },
         "heavy" => Shape { sources: 10, frames: 500, size: MIB },
-        "flood" => Shape { sources: 1000, frames: 5000, size: 64 },
+        "flood" | "mux-flood" => Shape { sources: 1000, frames: 5000, size: 64 },
+        "mux-heavy" => Shape { sources: 10, frames: 500, size: MIB },
         "all" => return Ok(a),
-        w => return Err(format!("usage: bench <connect|heavy|flood|all> [--lz4 [--random]] [--rt shared|split|single]; unknown workload {w:?}")),
+        w => return Err(format!("usage: bench <connect|heavy|flood|mux-heavy|mux-flood|all> [--lz4 [--random]] [--rt shared|split|single]; unknown workload {w:?}")),
     };
     if sources.is_some() || frames.is_some() || size.is_some() {
         a.shape = Some(Shape {
@@ -149,7 +159,12 @@ fn main() -> ExitCode {
     if args.workload == "all" {
         return run_all();
     }
-    match run(&args) {
+    let r = if args.workload.starts_with("mux-") {
+        run_mux(&args)
+    } else {
+        run(&args)
+    };
+    match r {
         Ok(line) => {
             println!("{line}");
             ExitCode::SUCCESS
@@ -190,13 +205,18 @@ fn runtime(threads: usize) -> tokio::runtime::Runtime {
     b.enable_all().build().expect("runtime")
 }
 
-fn run(a: &Args) -> Result<String, String> {
-    let shape = a.shape.expect("set by parse_args");
-    let (srv_rt, cli_rt) = match a.rt.as_str() {
+/// The server's runtime, and the client's if it has its own (`split`).
+fn runtimes(rt: &str) -> (tokio::runtime::Runtime, Option<tokio::runtime::Runtime>) {
+    match rt {
         "shared" => (runtime(2), None),
         "split" => (runtime(1), Some(runtime(1))),
         _ => (runtime(0), None),
-    };
+    }
+}
+
+fn run(a: &Args) -> Result<String, String> {
+    let shape = a.shape.expect("set by parse_args");
+    let (srv_rt, cli_rt) = runtimes(&a.rt);
     let cli = cli_rt.as_ref().unwrap_or(&srv_rt);
     let payload = payload(a.random);
     let lz4 = a.lz4;
@@ -276,21 +296,149 @@ fn run(a: &Args) -> Result<String, String> {
             request(&client, &work, body, shape).await?;
             Ok::<_, String>((t0.elapsed().as_secs_f64(), cpu_secs() - c0))
         })?;
-        let frames = u64::from(shape.sources) * u64::from(shape.frames);
-        let bytes = frames * shape.size as u64;
-        format!(
-            "peer=chanserv workload={}{} rt={} secs={secs:.3} frames={frames} bytes={bytes} frames_per_s={:.3e} mib_per_s={:.1} cpu_util={:.2} rss_mib={:.1}",
-            a.workload,
-            if a.lz4 { if a.random { "-lz4-random" } else { "-lz4" } } else { "" },
-            a.rt,
-            frames as f64 / secs,
-            bytes as f64 / MIB as f64 / secs,
-            cpu / secs,
-            vm_hwm_mib()
+        let variant = if a.lz4 {
+            if a.random {
+                "-lz4-random"
+            } else {
+                "-lz4"
+            }
+        } else {
+            ""
+        };
+        throughput_line(
+            "chanserv",
+            &format!("{}{variant}", a.workload),
+            &a.rt,
+            shape,
+            secs,
+            cpu,
         )
     };
     drop(server_node);
     Ok(line)
+}
+
+fn throughput_line(
+    peer: &str,
+    workload: &str,
+    rt: &str,
+    shape: Shape,
+    secs: f64,
+    cpu: f64,
+) -> String {
+    let frames = u64::from(shape.sources) * u64::from(shape.frames);
+    let bytes = frames * shape.size as u64;
+    format!(
+        "peer={peer} workload={workload} rt={rt} secs={secs:.3} frames={frames} bytes={bytes} frames_per_s={:.3e} mib_per_s={:.1} cpu_util={:.2} rss_mib={:.1}",
+        frames as f64 / secs,
+        bytes as f64 / MIB as f64 / secs,
+        cpu / secs,
+        vm_hwm_mib()
+    )
+}
+
+/// Raw `Node` streams: the server's node dials one stream per source to the client's
+/// `sink` and writes the source's frames on it; the client reads each on its own task.
+fn run_mux(a: &Args) -> Result<String, String> {
+    use chanserv::{Listener, Multiplexer};
+    use futures::SinkExt;
+    use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+    let shape = a.shape.expect("set by parse_args");
+    let (srv_rt, cli_rt) = runtimes(&a.rt);
+    let cli = cli_rt.as_ref().unwrap_or(&srv_rt);
+    let payload = payload(a.random);
+    let codec = || {
+        LengthDelimitedCodec::builder()
+            .max_frame_length(2 * MIB)
+            .new_codec()
+    };
+    let (server, addr) = srv_rt.block_on(async {
+        let node = Node::new();
+        let addr = node
+            .listen("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((node, addr))
+    })?;
+    let (client, mut done) = cli.block_on(async {
+        let node = Node::new();
+        node.join(addr).await.map_err(|e| e.to_string())?;
+        let mut sink = node.bind("sink").map_err(|e| e.to_string())?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = sink.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut r = FramedRead::new(s, codec());
+                    let counted = async {
+                        let first = r
+                            .next()
+                            .await
+                            .ok_or("empty stream")?
+                            .map_err(|e| e.to_string())?;
+                        let id = u32::from_be_bytes(first[..].try_into().map_err(|_| "bad id")?);
+                        let (mut frames, mut bytes) = (0u64, 0u64);
+                        while let Some(f) = r.next().await {
+                            let f = f.map_err(|e| e.to_string())?;
+                            frames += 1;
+                            bytes += f.len() as u64;
+                        }
+                        Ok::<_, String>((id, frames, bytes))
+                    };
+                    let _ = tx.send(counted.await);
+                });
+            }
+        });
+        Ok::<_, String>((node, rx))
+    })?;
+    if !srv_rt.block_on(server.wait_for_name("sink", Duration::from_secs(10))) {
+        return Err("sink never announced".into());
+    }
+    let round = |srv: &tokio::runtime::Runtime| {
+        for id in 0..shape.sources {
+            let (node, p) = (server.clone(), payload.clone());
+            srv.spawn(async move {
+                let s = node.dial("sink", Duration::from_secs(10), &[]).await?;
+                let mut w = FramedWrite::new(s, codec());
+                w.feed(Bytes::copy_from_slice(&id.to_be_bytes())).await?;
+                for _ in 0..shape.frames {
+                    w.feed(p.slice(0..shape.size)).await?; // generated per frame
+                }
+                SinkExt::<Bytes>::close(&mut w).await?; // flush + FIN
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            });
+        }
+    };
+    let mut measure = || {
+        let (c0, t0) = (cpu_secs(), Instant::now());
+        round(&srv_rt);
+        let mut seen = std::collections::HashSet::new();
+        cli.block_on(async {
+            for _ in 0..shape.sources {
+                let (id, frames, bytes) = done.recv().await.ok_or("acceptor gone")??;
+                if frames != u64::from(shape.frames)
+                    || bytes != u64::from(shape.frames) * shape.size as u64
+                    || !seen.insert(id)
+                {
+                    return Err(format!("stream {id}: {frames} frames / {bytes} bytes"));
+                }
+            }
+            Ok::<_, String>(())
+        })?;
+        Ok::<_, String>((t0.elapsed().as_secs_f64(), cpu_secs() - c0))
+    };
+    measure()?; // warm-up
+    let (secs, cpu) = measure()?;
+    drop(client);
+    Ok(throughput_line(
+        "node",
+        &a.workload,
+        &a.rt,
+        shape,
+        secs,
+        cpu,
+    ))
 }
 
 /// One request: every source read on its own task, every count and byte checked.
