@@ -162,6 +162,7 @@ pub enum LinkEvent {
 /// | `reconnect_backoff` | 100 ms doubling to 5 s |
 /// | `split_send_size` | 256 KiB |
 /// | `close_timeout` | 2 s |
+/// | `send_queue` | 4 MiB per link |
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     max_streams: usize,
@@ -174,6 +175,7 @@ pub struct NodeConfig {
     reconnect_max: Duration,
     split_send_size: usize,
     close_timeout: Duration,
+    send_queue: usize,
 }
 
 impl Default for NodeConfig {
@@ -189,6 +191,7 @@ impl Default for NodeConfig {
             reconnect_max: Duration::from_secs(5),
             split_send_size: 256 * 1024,
             close_timeout: Duration::from_secs(2),
+            send_queue: 4 * 1024 * 1024,
         }
     }
 }
@@ -268,6 +271,18 @@ impl NodeConfig {
     /// socket is dropped.
     pub fn close_timeout(&mut self, t: Duration) -> &mut Self {
         self.close_timeout = t;
+        self
+    }
+
+    /// Most bytes a link's streams may have handed to yamux that it has not written to
+    /// the socket yet; writers wait beyond it. yamux itself would queue up to each
+    /// stream's 256 KiB window, which for thousands of streams is hundreds of MiB.
+    ///
+    /// # Panics
+    /// If `n` is below 64 KiB.
+    pub fn send_queue(&mut self, n: usize) -> &mut Self {
+        assert!(n >= 64 * 1024, "send_queue must be at least 64 KiB");
+        self.send_queue = n;
         self
     }
 
@@ -372,6 +387,131 @@ struct Link {
     ctl_tx: mpsc::UnboundedSender<Bytes>,
     cancel: CancellationToken,
     rejoin: Option<Rejoin>,
+    budget: Arc<SendBudget>,
+}
+
+/// Bytes handed to yamux by this link's streams and not yet written to the socket.
+///
+/// yamux queues each stream's writes (up to its 256 KiB window) until its connection
+/// task writes them out; with many streams that is hundreds of MiB. Streams wait
+/// instead while the link's queue is above `limit`, and are woken when it falls to half.
+struct SendBudget {
+    limit: u64,
+    handed: AtomicU64,
+    written: AtomicU64,
+    /// Bumped whenever waiters are woken, so a stream registers once per round.
+    round: AtomicU64,
+    waiters: Mutex<Vec<std::task::Waker>>,
+}
+
+impl SendBudget {
+    fn new(limit: usize) -> Self {
+        SendBudget {
+            limit: limit as u64,
+            handed: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            round: AtomicU64::new(0),
+            waiters: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn queued(&self) -> u64 {
+        let written = self.written.load(Ordering::Acquire);
+        self.handed.load(Ordering::Acquire).saturating_sub(written)
+    }
+
+    /// Ready when there is room; else registers the task (once per `registered` round).
+    /// A waker registered in a round stays in the list until that round is woken, so a
+    /// stream that got room and then waits again in the same round is not added twice.
+    fn poll_room(
+        &self,
+        cx: &mut Context<'_>,
+        registered: &mut Option<(u64, std::task::Waker)>,
+    ) -> Poll<()> {
+        if self.queued() < self.limit {
+            return Poll::Ready(());
+        }
+        let mut w = self.waiters.lock().unwrap();
+        let round = self.round.load(Ordering::Acquire);
+        let known = registered
+            .as_ref()
+            .is_some_and(|(r, waker)| *r == round && waker.will_wake(cx.waker()));
+        if !known {
+            w.push(cx.waker().clone());
+            *registered = Some((round, cx.waker().clone()));
+        }
+        drop(w);
+        // The writer may have drained in between: check again after registering.
+        if self.queued() < self.limit {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
+    fn handed(&self, n: usize) {
+        self.handed.fetch_add(n as u64, Ordering::AcqRel);
+    }
+
+    /// The socket took `n` bytes (yamux headers included, so clamp at what was handed).
+    fn written(&self, n: usize) {
+        let handed = self.handed.load(Ordering::Acquire);
+        let _ = self
+            .written
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                Some((w + n as u64).min(handed.max(w)))
+            });
+        if self.queued() <= self.limit / 2 {
+            self.wake_all();
+        }
+    }
+
+    fn wake_all(&self) {
+        let waiters = {
+            let mut w = self.waiters.lock().unwrap();
+            if w.is_empty() {
+                return;
+            }
+            self.round.fetch_add(1, Ordering::AcqRel);
+            std::mem::take(&mut *w)
+        };
+        for w in waiters {
+            w.wake();
+        }
+    }
+}
+
+/// The link's socket, counting what yamux writes into it for the [`SendBudget`].
+struct Counted<T> {
+    io: T,
+    budget: Arc<SendBudget>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+        self.budget.written(n);
+        Poll::Ready(Ok(n))
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// How to make a fresh link to the same peer (only the side that dialed knows).
@@ -897,6 +1037,11 @@ impl Inner {
         } else {
             yamux::Mode::Server
         };
+        let budget = Arc::new(SendBudget::new(self.cfg.send_queue));
+        let io = Counted {
+            io,
+            budget: budget.clone(),
+        };
         let conn = yamux::Connection::new(io.compat(), self.cfg.yamux(max_streams), mode);
         let (open_tx, open_rx) = mpsc::channel(64);
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
@@ -912,6 +1057,7 @@ impl Inner {
             ctl_tx,
             cancel: self.cancel.child_token(),
             rejoin,
+            budget,
         });
         let driver = {
             let inner = self.clone();
@@ -1431,6 +1577,8 @@ pub struct MuxStream {
     status_pending: bool,
     _permit: Option<OwnedSemaphorePermit>,
     link: Option<Arc<Link>>,
+    /// The send-budget round this stream is registered for, with the waker it gave.
+    budget_wait: Option<(u64, std::task::Waker)>,
 }
 
 impl fmt::Debug for MuxStream {
@@ -1464,6 +1612,7 @@ impl MuxStream {
             status_pending,
             _permit: permit,
             link,
+            budget_wait: None,
         }
     }
 
@@ -1505,7 +1654,15 @@ impl MuxStream {
 
     fn poll_io_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match &mut self.io {
-            Io::Yamux(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Yamux(s) => match &self.link {
+                Some(l) => {
+                    ready!(l.budget.poll_room(cx, &mut self.budget_wait));
+                    let n = ready!(Pin::new(s).poll_write(cx, buf))?;
+                    l.budget.handed(n);
+                    Poll::Ready(Ok(n))
+                }
+                None => Pin::new(s).poll_write(cx, buf),
+            },
             Io::Local(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -1612,5 +1769,49 @@ impl AsyncWrite for MuxStream {
             Io::Yamux(s) => Pin::new(s).poll_shutdown(cx),
             Io::Local(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    struct CountWakes(AtomicUsize);
+    impl Wake for CountWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn send_budget_holds_writers_until_the_socket_drains() {
+        let b = SendBudget::new(64 * 1024);
+        let wakes = Arc::new(CountWakes(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut reg = None;
+        assert!(b.poll_room(&mut cx, &mut reg).is_ready());
+        b.handed(64 * 1024);
+        // Full: the writer waits, registered once however often it is polled.
+        assert!(b.poll_room(&mut cx, &mut reg).is_pending());
+        assert!(b.poll_room(&mut cx, &mut reg).is_pending());
+        assert_eq!(b.waiters.lock().unwrap().len(), 1);
+        // Draining to above half the limit wakes nobody; to half wakes the writer.
+        b.written(16 * 1024);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        assert!(b.poll_room(&mut cx, &mut reg).is_ready());
+        b.handed(16 * 1024);
+        assert!(b.poll_room(&mut cx, &mut reg).is_pending());
+        b.written(32 * 1024);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(b.poll_room(&mut cx, &mut reg).is_ready());
+        // Socket bytes beyond what was handed (yamux headers) never make room
+        // that was not taken.
+        b.written(10 * 1024 * 1024);
+        assert_eq!(b.queued(), 0);
+        b.handed(64 * 1024);
+        assert!(b.poll_room(&mut cx, &mut reg).is_pending());
     }
 }

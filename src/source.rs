@@ -381,20 +381,43 @@ impl RemoteFrames {
 
 use std::future::Future;
 
-/// Reads up to `want` bytes onto the end of `buf` (`Ok(0)` at end of stream). The room
-/// is zeroed before the read (safe code cannot read into uninitialised memory) and cut
-/// back to what arrived, so `buf` only ever grows by bytes that came.
+/// Reads up to `want` bytes onto the end of `buf` (`Ok(0)` at end of stream), so `buf`
+/// only ever grows by bytes that came.
+///
+/// Safe code cannot read into uninitialised memory, so the room must be zeroed first.
+/// A large read (a big frame expected) zeroes its room in `buf` and cuts it back to
+/// what arrived. A small one reads into a zeroed scratch buffer kept per thread and
+/// appends what arrived: with thousands of streams most reads return a little, and
+/// copying that little is cheaper than zeroing the whole room each time.
 pub(crate) fn poll_read_append<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
     want: usize,
 ) -> Poll<std::io::Result<usize>> {
-    let start = buf.len();
-    buf.resize(start + want, 0);
-    let mut rb = ReadBuf::new(&mut buf[start..]);
-    let res = Pin::new(r).poll_read(cx, &mut rb);
-    let n = rb.filled().len();
-    buf.truncate(start + n);
-    res.map(|r| r.map(|()| n))
+    if want > SCRATCH_LEN {
+        let start = buf.len();
+        buf.resize(start + want, 0);
+        let mut rb = ReadBuf::new(&mut buf[start..]);
+        let res = Pin::new(r).poll_read(cx, &mut rb);
+        let n = rb.filled().len();
+        buf.truncate(start + n);
+        return res.map(|r| r.map(|()| n));
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        let mut rb = ReadBuf::new(&mut scratch[..want]);
+        let res = Pin::new(r).poll_read(cx, &mut rb);
+        let n = rb.filled().len();
+        if buf.capacity() - buf.len() < n {
+            buf.reserve(n.max(4096));
+        }
+        buf.extend_from_slice(rb.filled());
+        res.map(|r| r.map(|()| n))
+    })
+}
+
+const SCRATCH_LEN: usize = 16 * 1024;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SCRATCH_LEN]);
 }
