@@ -480,19 +480,36 @@ impl SendBudget {
     }
 }
 
-/// The link's socket, counting what yamux writes into it for the [`SendBudget`].
+/// The link's (buffered) socket as yamux sees it: counts what yamux writes for the
+/// [`SendBudget`], and defers yamux's flushes.
+///
+/// yamux flushes the socket after every frame, which costs a `send` per frame (a
+/// request, its answer and the stream's FIN would be three). Flushes are deferred
+/// until yamux waits to read, i.e. has nothing more to send right now, or 16 were
+/// deferred, so frames queued together leave in one `send`.
 struct Counted<T> {
     io: T,
     budget: Arc<SendBudget>,
+    /// Flushes yamux asked for and that were not done yet.
+    deferred: u32,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+const MAX_DEFERRED_FLUSHES: u32 = 16;
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Counted<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if r.is_pending() && self.deferred > 0 {
+            if let Poll::Ready(f) = Pin::new(&mut self.io).poll_flush(cx) {
+                f?;
+                self.deferred = 0;
+            }
+        }
+        r
     }
 }
 
@@ -507,7 +524,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         Poll::Ready(Ok(n))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        self.deferred += 1;
+        if self.deferred < MAX_DEFERRED_FLUSHES {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        self.deferred = 0;
+        Poll::Ready(Ok(()))
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
@@ -1041,6 +1064,7 @@ impl Inner {
         let io = Counted {
             io,
             budget: budget.clone(),
+            deferred: 0,
         };
         let conn = yamux::Connection::new(io.compat(), self.cfg.yamux(max_streams), mode);
         let (open_tx, open_rx) = mpsc::channel(64);
@@ -1321,16 +1345,17 @@ impl Inner {
             let _ = s.shutdown().await;
             return;
         };
-        // Answer at once: this ACKs the yamux stream (yamux stalls after 256 unacked
-        // opens) and tells the dialer the address exists before it needs to know.
-        if s.write_all(&[STATUS_ACCEPTED]).await.is_err() {
-            return;
-        }
+        // The accepted status goes out with the acceptor's first write, or as soon as it
+        // waits to read: either ACKs the yamux stream (yamux stalls after 256 unacked
+        // opens). A refusal goes out at once.
+        s.header = Some(BytesMut::from(&[STATUS_ACCEPTED][..]));
         link.active.fetch_add(1, Ordering::Relaxed);
         s.link = Some(link.clone());
         let from = Addr::new(link.peer, String::new());
         if let Err(mpsc::error::SendError((mut s, _))) = tx.send((s, from)).await {
+            s.header = None; // the status owed is a refusal after all
             let _ = s.write_all(&[STATUS_REFUSED]).await;
+            let _ = s.shutdown().await;
         }
     }
 }
@@ -1725,11 +1750,17 @@ impl AsyncRead for MuxStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.header.is_some() {
+        let r = match this.poll_status(cx) {
+            Poll::Ready(Ok(())) => this.poll_io_read(cx, buf),
+            other => other,
+        };
+        if r.is_pending() && this.header.is_some() {
+            // Nothing to read yet: send what this side owes (the open header, or the
+            // accepted status) so the peer can answer. Data already here was read
+            // without it, so a request and its reply each cost one yamux frame.
             ready!(this.poll_header(cx, &[]))?;
         }
-        ready!(this.poll_status(cx))?;
-        this.poll_io_read(cx, buf)
+        r
     }
 }
 
