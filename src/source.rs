@@ -285,7 +285,9 @@ pub(crate) struct RemoteFrames {
     pub(crate) _guard: Option<Arc<dyn Send + Sync>>,
 }
 
-const READ_CHUNK: usize = 64 * 1024;
+/// Largest single read into a big frame's room: yamux's frames are 256 KiB, so a read
+/// rarely returns more.
+const BIG_READ: usize = 256 * 1024;
 
 impl RemoteFrames {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
@@ -348,9 +350,16 @@ impl RemoteFrames {
                 },
             }
         };
-        // Grow with what arrived: at most one chunk, or the buffered amount, beyond it.
+        // Small frames: read what is there (up to 16 KiB) through the scratch buffer.
+        // A big frame: make room for all of it at once (no regrowth copies), then read
+        // it in pieces no larger than yamux's frames, so each byte is zeroed once.
         let needed = self.codec.bytes_needed(&self.buf);
-        let want = needed.clamp(READ_CHUNK / 4, READ_CHUNK.max(self.buf.len()));
+        let want = if needed > SCRATCH_LEN {
+            self.buf.reserve(needed);
+            needed.min(BIG_READ)
+        } else {
+            SCRATCH_LEN
+        };
         match ready!(poll_read_append(stream, cx, &mut self.buf, want)) {
             Err(e) => Poll::Ready(Err(from_io(e))),
             Ok(0) => Poll::Ready(Err(match self.codec.check_eof(&self.buf) {
