@@ -1308,10 +1308,28 @@ impl Inner {
         link: Arc<Link>,
         ctl_in: Arc<Mutex<Option<oneshot::Sender<MuxStream>>>>,
     ) {
+        let mut s = MuxStream::new(Io::Yamux(s.compat_stream()), None, None, None);
+        let mut open = OpenReader::default();
+        // The open header nearly always came in the stream's first frame: deliver it
+        // from here, without a task, when it is complete and its listener has room.
+        let waker = futures::task::noop_waker();
+        if let Poll::Ready(Ok(Some(target))) = open.poll(&mut s, &mut Context::from_waker(&waker)) {
+            match self.deliver_now(s, &target, &link) {
+                Ok(()) => return,
+                Err(back) => s = back,
+            }
+            let inner = self.clone();
+            self.tasks
+                .spawn(async move { inner.deliver(s, target, link).await });
+            return;
+        }
         let inner = self.clone();
         self.tasks.spawn(async move {
-            let mut s = MuxStream::new(Io::Yamux(s.compat_stream()), None, None, None);
-            let r = timeout(inner.cfg.handshake_timeout, read_open(&mut s)).await;
+            let r = timeout(
+                inner.cfg.handshake_timeout,
+                poll_fn(|cx| open.poll(&mut s, cx)),
+            )
+            .await;
             match r {
                 Ok(Ok(None)) => match ctl_in.lock().unwrap().take() {
                     Some(tx) => {
@@ -1326,37 +1344,78 @@ impl Inner {
         });
     }
 
-    async fn deliver(&self, mut s: MuxStream, target: String, link: Arc<Link>) {
-        let tx = {
-            let st = self.state.lock().unwrap();
-            let key = match VAddr::parse(&target) {
-                Ok(v) => match v {
-                    VAddr::Name(n) => Some(n),
-                    VAddr::Port(p) => Some(format!(":{p}")),
-                    VAddr::Node(id, p) if id == self.id => Some(format!(":{p}")),
-                    VAddr::Node(..) => None,
-                },
-                Err(_) => None,
-            };
-            key.and_then(|k| st.binds.get(&k).map(|b| b.tx.clone()))
+    /// The listener bound to `target`, if any.
+    fn listener_for(&self, target: &str) -> Option<mpsc::Sender<(MuxStream, Addr)>> {
+        let st = self.state.lock().unwrap();
+        let key = match VAddr::parse(target).ok()? {
+            VAddr::Name(n) => n,
+            VAddr::Port(p) => format!(":{p}"),
+            VAddr::Node(id, p) if id == self.id => format!(":{p}"),
+            VAddr::Node(..) => return None,
         };
-        let Some(tx) = tx else {
-            let _ = s.write_all(&[STATUS_NO_SUCH_ADDRESS]).await;
-            let _ = s.shutdown().await;
-            return;
-        };
+        st.binds.get(&key).map(|b| b.tx.clone())
+    }
+
+    /// Hands an accepted stream to its listener, owing it the accepted status.
+    // The large error gives the stream back, on a path taken rarely.
+    #[allow(clippy::result_large_err)]
+    fn accept_into(
+        &self,
+        tx: &mpsc::Sender<(MuxStream, Addr)>,
+        mut s: MuxStream,
+        link: &Arc<Link>,
+    ) -> std::result::Result<(), mpsc::error::TrySendError<(MuxStream, Addr)>> {
         // The accepted status goes out with the acceptor's first write, or as soon as it
         // waits to read: either ACKs the yamux stream (yamux stalls after 256 unacked
         // opens). A refusal goes out at once.
         s.header = Some(BytesMut::from(&[STATUS_ACCEPTED][..]));
         link.active.fetch_add(1, Ordering::Relaxed);
         s.link = Some(link.clone());
-        let from = Addr::new(link.peer, String::new());
-        if let Err(mpsc::error::SendError((mut s, _))) = tx.send((s, from)).await {
-            s.header = None; // the status owed is a refusal after all
-            let _ = s.write_all(&[STATUS_REFUSED]).await;
-            let _ = s.shutdown().await;
+        tx.try_send((s, Addr::new(link.peer, String::new())))
+    }
+
+    /// Delivers without waiting; gives the stream back when that would need to wait
+    /// or to answer with an error.
+    #[allow(clippy::result_large_err)]
+    fn deliver_now(
+        &self,
+        s: MuxStream,
+        target: &str,
+        link: &Arc<Link>,
+    ) -> std::result::Result<(), MuxStream> {
+        let Some(tx) = self.listener_for(target) else {
+            return Err(s);
+        };
+        match self.accept_into(&tx, s, link) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full((mut s, _)))
+            | Err(mpsc::error::TrySendError::Closed((mut s, _))) => {
+                link.active.fetch_sub(1, Ordering::Relaxed);
+                s.link = None;
+                s.header = None;
+                Err(s)
+            }
         }
+    }
+
+    async fn deliver(&self, mut s: MuxStream, target: String, link: Arc<Link>) {
+        let Some(tx) = self.listener_for(&target) else {
+            let _ = s.write_all(&[STATUS_NO_SUCH_ADDRESS]).await;
+            let _ = s.shutdown().await;
+            return;
+        };
+        let s = match self.accept_into(&tx, s, &link) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(item)) => match tx.send(item).await {
+                Ok(()) => return,
+                Err(mpsc::error::SendError((s, _))) => s,
+            },
+            Err(mpsc::error::TrySendError::Closed((s, _))) => s,
+        };
+        let mut s = s;
+        s.header = None; // the status owed is a refusal after all
+        let _ = s.write_all(&[STATUS_REFUSED]).await;
+        let _ = s.shutdown().await;
     }
 }
 
@@ -1420,18 +1479,41 @@ where
 }
 
 /// Reads an open header: `Some(target)` for a dial, `None` for the control stream.
-async fn read_open(s: &mut MuxStream) -> Result<Option<String>> {
-    match s.read_u8().await? {
-        OPEN_CONTROL => Ok(None),
-        OPEN_DIAL => {
-            let n = s.read_u8().await? as usize;
-            let mut name = vec![0u8; n];
-            s.read_exact(&mut name).await?;
-            String::from_utf8(name)
-                .map(Some)
-                .map_err(|_| Error::Protocol("address is not UTF-8".into()))
+/// Reads a stream's open header (`PROTOCOL.md`, stream open) without losing bytes when
+/// it arrives in pieces: `Some(address)` for a dial, `None` for the control stream.
+#[derive(Default)]
+struct OpenReader {
+    got: Vec<u8>,
+}
+
+impl OpenReader {
+    fn poll(&mut self, s: &mut MuxStream, cx: &mut Context<'_>) -> Poll<Result<Option<String>>> {
+        loop {
+            let need = match self.got.as_slice() {
+                [] => 1,
+                [OPEN_CONTROL] => return Poll::Ready(Ok(None)),
+                [OPEN_DIAL] => 2,
+                [OPEN_DIAL, n, name @ ..] if name.len() == usize::from(*n) => {
+                    return Poll::Ready(
+                        String::from_utf8(name.to_vec())
+                            .map(Some)
+                            .map_err(|_| Error::Protocol("address is not UTF-8".into())),
+                    );
+                }
+                [OPEN_DIAL, n, ..] => 2 + usize::from(*n),
+                [k, ..] => {
+                    return Poll::Ready(Err(Error::Protocol(format!("unknown stream kind {k}"))))
+                }
+            };
+            let mut b = [0u8; 257];
+            let want = need - self.got.len();
+            let mut rb = ReadBuf::new(&mut b[..want]);
+            ready!(Pin::new(&mut *s).poll_read(cx, &mut rb)).map_err(from_io)?;
+            if rb.filled().is_empty() {
+                return Poll::Ready(Err(Error::Reset));
+            }
+            self.got.extend_from_slice(rb.filled());
         }
-        k => Err(Error::Protocol(format!("unknown stream kind {k}"))),
     }
 }
 

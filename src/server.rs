@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -345,27 +346,32 @@ async fn accept_loop<M: Multiplexer>(
     mut listener: M::Listener,
     stop: CancellationToken,
 ) {
-    let (err_tx, mut err_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
-    let mut mass = 0usize;
+    // Consecutive failed requests. Requests update it themselves and wake this loop
+    // only when the mass is reached, so a successful request costs it no wake-up.
+    let mass = Arc::new(AtomicUsize::new(0));
+    let reached = Arc::new(tokio::sync::Notify::new());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ctx.cancel.cancelled() => return,
-            Some(failed) = err_rx.recv() => {
-                mass = if failed { mass + 1 } else { 0 };
-            }
+            _ = reached.notified() => {}
             r = listener.accept() => match r {
                 Ok((s, from)) => {
-                    let (ctx2, tx) = (ctx.clone(), err_tx.clone());
+                    let (ctx2, mass, reached) = (ctx.clone(), mass.clone(), reached.clone());
                     ctx.tasks.spawn(async move {
                         let r = tokio::select! {
                             r = serve_request(&ctx2, s, from) => r,
                             _ = ctx2.cancel.cancelled() => Err(Error::Closed),
                         };
-                        if let Err(e) = &r {
-                            ctx2.report(e);
+                        match &r {
+                            Ok(()) => mass.store(0, Ordering::Relaxed),
+                            Err(e) => {
+                                ctx2.report(e);
+                                if mass.fetch_add(1, Ordering::Relaxed) + 1 >= ctx2.cfg.max_error_mass {
+                                    reached.notify_one();
+                                }
+                            }
                         }
-                        let _ = tx.send(r.is_err());
                     });
                 }
                 Err(e) => {
@@ -373,12 +379,12 @@ async fn accept_loop<M: Multiplexer>(
                     if matches!(e, Error::Closed) {
                         return;
                     }
-                    mass += 1;
+                    mass.fetch_add(1, Ordering::Relaxed);
                 }
             },
         }
-        if mass >= ctx.cfg.max_error_mass {
-            let n = std::mem::take(&mut mass);
+        if mass.load(Ordering::Relaxed) >= ctx.cfg.max_error_mass {
+            let n = mass.swap(0, Ordering::Relaxed);
             tracing::warn!("chanserv server: {n} errors in a row, backing off");
             let pause = match &ctx.cfg.on_max_error_mass {
                 Some(f) => f(n),

@@ -627,3 +627,47 @@ async fn a_source_whose_stream_never_comes_fails_with_chan_accept() {
     assert!(matches!(err, Error::Timeout(Timeout::ChanAccept)), "{err}");
     assert!(s.next().await.is_none());
 }
+
+#[tokio::test]
+async fn error_mass_runs_its_action_after_consecutive_failures() {
+    let (a, b) = pair().await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut cfg = ServerConfig::default();
+    cfg.max_error_mass(3).on_max_error_mass(move |n| {
+        tx.send(n).unwrap();
+        async {}
+    });
+    let _svc = Server::with_config(a, cfg)
+        .listen_and_serve("svc", |req| match &req.body[..] {
+            b"error" => stream::iter(vec![Err::<Source, String>("broken".into())]).boxed(),
+            _ => stream::iter(vec![Ok::<_, String>(Source::empty("ok"))]).boxed(),
+        })
+        .unwrap();
+    let client = client_for(&b, "svc").await;
+    let post = |body: &'static str| {
+        let client = client.clone();
+        async move {
+            let mut sources = client.lookup_and_post("svc", body, &[]).await.unwrap();
+            let mut failed = false;
+            while let Some(s) = sources.next().await {
+                failed |= s.is_err();
+            }
+            failed
+        }
+    };
+    // Two failures, a success (resets the count), then three failures in a row.
+    for body in ["error", "error", "fine", "error", "error"] {
+        assert_eq!(post(body).await, body == "error");
+    }
+    assert!(
+        rx.try_recv().is_err(),
+        "no action before the mass is reached"
+    );
+    assert!(post("error").await);
+    let n = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the action ran")
+        .unwrap();
+    assert_eq!(n, 3);
+    assert!(!post("fine").await, "serving again after the action");
+}
