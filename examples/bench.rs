@@ -265,7 +265,9 @@ fn run(a: &Args) -> Result<String, String> {
     let work = a.workload.clone();
     let line = if a.workload == "connect" {
         let n = a.n;
-        let (mut lat, secs, cpu) = cli.block_on(async move {
+        // The client's driving future runs on the runtime's workers (spawned), as in
+        // the peers harness, not on the main thread.
+        let (mut lat, secs, cpu) = on_runtime(cli, async move {
             for _ in 0..2000 {
                 request(&client, &work, body, shape).await?;
             }
@@ -290,7 +292,7 @@ fn run(a: &Args) -> Result<String, String> {
             vm_hwm_mib()
         )
     } else {
-        let (secs, cpu) = cli.block_on(async move {
+        let (secs, cpu) = on_runtime(cli, async move {
             request(&client, &work, body, shape).await?; // warm-up
             let (c0, t0) = (cpu_secs(), Instant::now());
             request(&client, &work, body, shape).await?;
@@ -316,6 +318,14 @@ fn run(a: &Args) -> Result<String, String> {
     };
     drop(server_node);
     Ok(line)
+}
+
+/// Runs `f` as a task of `rt` (on its workers) and waits for it.
+fn on_runtime<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    f: impl std::future::Future<Output = Result<T, String>> + Send + 'static,
+) -> Result<T, String> {
+    rt.block_on(rt.spawn(f)).map_err(|e| e.to_string())?
 }
 
 fn throughput_line(
@@ -415,6 +425,7 @@ fn run_mux(a: &Args) -> Result<String, String> {
         round(&srv_rt);
         let mut seen = std::collections::HashSet::new();
         cli.block_on(async {
+            // Only collects the readers' results; the readers are tasks.
             for _ in 0..shape.sources {
                 let (id, frames, bytes) = done.recv().await.ok_or("acceptor gone")??;
                 if frames != u64::from(shape.frames)
