@@ -178,8 +178,14 @@ struct ClientInner<M> {
     reply: String,
     routes: Arc<Mutex<Routes>>,
     next_req: AtomicU64,
+    /// Master streams of finished requests, closed with the next request's write so
+    /// both leave in one packet (see `Sources`).
+    finished: Arc<Mutex<Vec<Box<dyn MasterIo>>>>,
     _stop: DropGuard,
 }
+
+/// Finished masters kept for the next request at most; beyond, they close at once.
+const MAX_FINISHED: usize = 16;
 
 #[derive(Default)]
 struct Routes {
@@ -231,6 +237,7 @@ impl<M: Multiplexer> Client<M> {
                 reply,
                 routes,
                 next_req: AtomicU64::new(1),
+                finished: Arc::new(Mutex::new(Vec::new())),
                 _stop: stop.drop_guard(),
             }),
         })
@@ -274,7 +281,11 @@ impl<M: Multiplexer> Client<M> {
                 .map_err(from_io)?,
         }
         buf.clear();
+        // Close the masters of requests that finished since the last post, now that
+        // this request's bytes are queued: the closes go out in the same packet.
+        drop(std::mem::take(&mut *c.finished.lock().unwrap()));
         Ok(Sources {
+            finished: c.finished.clone(),
             master: Some(Box::new(master)),
             buf,
             codec,
@@ -302,8 +313,13 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> MasterIo for T {}
 /// Dropping it stops the request: the master stream is reset, and sources not yet
 /// handed out are dropped (their producers with them). Sources already handed out
 /// keep flowing.
+///
+/// Once the server's end arrived, the master stream's close is held (up to 16 per
+/// client) and sent with the client's next request or when the client is dropped, so
+/// a sequence of requests costs one packet each way per request.
 pub struct Sources {
     master: Option<Box<dyn MasterIo>>,
+    finished: Arc<Mutex<Vec<Box<dyn MasterIo>>>>,
     buf: BytesMut,
     codec: FrameCodec,
     ahead: VecDeque<Source>,
@@ -423,7 +439,14 @@ impl Stream for Sources {
             if let Some(end) = this.end.take() {
                 this.done = true;
                 // The server closes the master after its last message; we are done too.
-                this.master = None;
+                // Its close waits for the client's next request (one packet for both),
+                // unless many are waiting already.
+                if let Some(m) = this.master.take() {
+                    let mut f = this.finished.lock().unwrap();
+                    if f.len() < MAX_FINISHED && end.is_none() {
+                        f.push(m);
+                    }
+                }
                 return Poll::Ready(end.map(Err));
             }
             if let Err(e) = this.decode_ahead() {
