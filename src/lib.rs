@@ -79,6 +79,25 @@ mod server;
 mod source;
 mod wire;
 
+/// The crate's private decoders, for the fuzz targets in `fuzz/` (built with
+/// `--cfg fuzzing` by cargo-fuzz). Not part of the API.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    use bytes::Bytes;
+
+    /// Decodes `data` as a request, a master message and a NAMES control message.
+    /// Returns how many of the three decoded.
+    pub fn decode_all(data: &[u8]) -> usize {
+        let b = Bytes::copy_from_slice(data);
+        let r = crate::wire::RequestMsg::decode(b.clone()).is_ok();
+        let m = crate::wire::MasterMsg::decode(b.clone()).is_ok();
+        let names = crate::mux::parse_names(b);
+        assert!(names.iter().all(|n| n.len() <= 255 * 3));
+        usize::from(r) + usize::from(m) + 1
+    }
+}
+
 pub use bytes::Bytes;
 pub use client::{Client, ClientConfig, ErrorFn, Sources};
 pub use error::{Error, Result, Timeout};

@@ -1257,15 +1257,7 @@ impl Inner {
             }
             CTL_PONG => {}
             CTL_NAMES => {
-                let mut names = BTreeSet::new();
-                while msg.remaining() >= 1 {
-                    let n = msg.get_u8() as usize;
-                    if msg.remaining() < n {
-                        break;
-                    }
-                    let name = msg.split_to(n);
-                    names.insert(String::from_utf8_lossy(&name).into_owned());
-                }
+                let names = parse_names(msg);
                 tracing::debug!(
                     peer = format_args!("{:016x}", link.peer),
                     ?names,
@@ -1577,6 +1569,21 @@ fn yamux_err(e: yamux::ConnectionError) -> Error {
         yamux::ConnectionError::Closed => Error::LinkClosed,
         other => Error::Protocol(other.to_string()),
     }
+}
+
+/// A NAMES control message's body: `len u8, name` repeated; a truncated tail is
+/// ignored.
+pub(crate) fn parse_names(mut msg: Bytes) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    while msg.remaining() >= 1 {
+        let n = msg.get_u8() as usize;
+        if msg.remaining() < n {
+            break;
+        }
+        let name = msg.split_to(n);
+        names.insert(String::from_utf8_lossy(&name).into_owned());
+    }
+    names
 }
 
 /// The linked peers that announced `name`.
