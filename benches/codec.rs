@@ -2,32 +2,13 @@
 //!
 //! `cargo bench --bench codec`
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use chanserv::frame::FrameCodec;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
-fn payload(size: usize, compressible: bool) -> Bytes {
-    if compressible {
-        b"chanserv nested channels over a stream multiplexer "
-            .iter()
-            .copied()
-            .cycle()
-            .take(size)
-            .collect::<Vec<u8>>()
-            .into()
-    } else {
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect::<Vec<u8>>()
-            .into()
-    }
-}
+#[path = "common/payload.rs"]
+mod common;
+use common::payload;
 
 fn codec(c: &mut Criterion) {
     let mut g = c.benchmark_group("codec");

@@ -13,6 +13,9 @@ use chanserv::{Client, Node, ServeHandle, Server, ServerConfig, Source};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures::{stream, StreamExt};
 
+#[path = "common/payload.rs"]
+mod common;
+
 const MIB: usize = 1 << 20;
 
 struct Setup {
@@ -28,26 +31,7 @@ fn setup(sources: u32, frames: u32, size: usize, lz4: bool, random: bool) -> Set
         .enable_all()
         .build()
         .unwrap();
-    let payload: Bytes = if random {
-        let mut x = 0x9E37_79B9u64;
-        (0..MIB)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect::<Vec<u8>>()
-            .into()
-    } else {
-        b"nested channels "
-            .iter()
-            .copied()
-            .cycle()
-            .take(MIB)
-            .collect::<Vec<u8>>()
-            .into()
-    };
+    let payload = common::payload(MIB, !random);
     let (client, nodes, handle) = rt.block_on(async move {
         let (a, b) = (Node::new(), Node::new());
         let addr = a.listen("127.0.0.1:0").await.unwrap();
@@ -123,9 +107,8 @@ fn workloads(c: &mut Criterion) {
             // harness; criterion's own future only waits for it (on the main thread).
             b.to_async(&s.rt).iter(|| {
                 let client = s.client.clone();
-                let task = s
-                    .rt
-                    .spawn(async move { request(&client, sources, frames, size).await });
+                let task =
+                    s.rt.spawn(async move { request(&client, sources, frames, size).await });
                 async move { task.await.unwrap() }
             });
         });

@@ -103,29 +103,11 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
+#[path = "../benches/common/payload.rs"]
+mod common;
+
 fn payload(random: bool) -> Bytes {
-    if random {
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        (0..MIB)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect::<Vec<u8>>()
-            .into()
-    } else {
-        // Text-like and compressible, as real frames often are.
-        let words = b"chanserv nested channels over a stream multiplexer sources frames ";
-        words
-            .iter()
-            .copied()
-            .cycle()
-            .take(MIB)
-            .collect::<Vec<u8>>()
-            .into()
-    }
+    common::payload(MIB, !random)
 }
 
 fn vm_hwm_mib() -> f64 {
