@@ -1306,10 +1306,9 @@ impl Inner {
         // from here, without a task, when it is complete and its listener has room.
         let waker = futures::task::noop_waker();
         if let Poll::Ready(Ok(Some(target))) = open.poll(&mut s, &mut Context::from_waker(&waker)) {
-            match self.deliver_now(s, &target, &link) {
-                Ok(()) => return,
-                Err(back) => s = back,
-            }
+            let Some(s) = self.deliver_now(s, &target, &link) else {
+                return;
+            };
             let inner = self.clone();
             self.tasks
                 .spawn(async move { inner.deliver(s, target, link).await });
@@ -1348,45 +1347,29 @@ impl Inner {
         st.binds.get(&key).map(|b| b.tx.clone())
     }
 
-    /// Hands an accepted stream to its listener, owing it the accepted status.
-    // The large error gives the stream back, on a path taken rarely.
-    #[allow(clippy::result_large_err)]
-    fn accept_into(
-        &self,
-        tx: &mpsc::Sender<(MuxStream, Addr)>,
-        mut s: MuxStream,
-        link: &Arc<Link>,
-    ) -> std::result::Result<(), mpsc::error::TrySendError<(MuxStream, Addr)>> {
-        // The accepted status goes out with the acceptor's first write, or as soon as it
-        // waits to read: either ACKs the yamux stream (yamux stalls after 256 unacked
-        // opens). A refusal goes out at once.
+    /// The stream as its listener gets it: counted on its link, owing the accepted
+    /// status. That status goes out with the acceptor's first write, or as soon as it
+    /// waits to read: either ACKs the yamux stream (yamux stalls after 256 unacked
+    /// opens). A refusal goes out at once instead.
+    fn accepted(&self, mut s: MuxStream, link: &Arc<Link>) -> (MuxStream, Addr) {
         s.header = Some(BytesMut::from(&[STATUS_ACCEPTED][..]));
         link.active.fetch_add(1, Ordering::Relaxed);
         s.link = Some(link.clone());
-        tx.try_send((s, Addr::new(link.peer, String::new())))
+        (s, Addr::new(link.peer, String::new()))
     }
 
-    /// Delivers without waiting; gives the stream back when that would need to wait
-    /// or to answer with an error.
-    #[allow(clippy::result_large_err)]
-    fn deliver_now(
-        &self,
-        s: MuxStream,
-        target: &str,
-        link: &Arc<Link>,
-    ) -> std::result::Result<(), MuxStream> {
-        let Some(tx) = self.listener_for(target) else {
-            return Err(s);
-        };
-        match self.accept_into(&tx, s, link) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full((mut s, _)))
-            | Err(mpsc::error::TrySendError::Closed((mut s, _))) => {
-                link.active.fetch_sub(1, Ordering::Relaxed);
-                s.link = None;
-                s.header = None;
-                Err(s)
+    /// Delivers without waiting when the listener exists and has room; otherwise gives
+    /// the stream back for [`deliver`](Self::deliver).
+    fn deliver_now(&self, s: MuxStream, target: &str, link: &Arc<Link>) -> Option<MuxStream> {
+        match self
+            .listener_for(target)
+            .and_then(|tx| tx.try_reserve_owned().ok())
+        {
+            Some(permit) => {
+                permit.send(self.accepted(s, link));
+                None
             }
+            None => Some(s),
         }
     }
 
@@ -1396,18 +1379,15 @@ impl Inner {
             let _ = s.shutdown().await;
             return;
         };
-        let s = match self.accept_into(&tx, s, &link) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(item)) => match tx.send(item).await {
-                Ok(()) => return,
-                Err(mpsc::error::SendError((s, _))) => s,
-            },
-            Err(mpsc::error::TrySendError::Closed((s, _))) => s,
-        };
-        let mut s = s;
-        s.header = None; // the status owed is a refusal after all
-        let _ = s.write_all(&[STATUS_REFUSED]).await;
-        let _ = s.shutdown().await;
+        match tx.reserve_owned().await {
+            Ok(permit) => {
+                permit.send(self.accepted(s, &link));
+            }
+            Err(_) => {
+                let _ = s.write_all(&[STATUS_REFUSED]).await;
+                let _ = s.shutdown().await;
+            }
+        }
     }
 }
 

@@ -458,22 +458,19 @@ async fn serve_request<M: Multiplexer>(
     let announcing = announce_sources(ctx, master, from, tx);
     let pumping = async {
         let mut pumps = futures::stream::FuturesUnordered::new();
+        let mut more = true; // pumps may still come from the announcer
         loop {
             tokio::select! {
-                f = rx.recv() => match f {
+                f = rx.recv(), if more => match f {
                     Some(f) => pumps.push(f),
-                    None => break,
+                    None => more = false,
                 },
                 Some(r) = pumps.next(), if !pumps.is_empty() => {
                     if let Err(e) = r {
                         ctx.report_chan(&e);
                     }
                 }
-            }
-        }
-        while let Some(r) = pumps.next().await {
-            if let Err(e) = r {
-                ctx.report_chan(&e);
+                else => break,
             }
         }
     };
