@@ -404,7 +404,14 @@ pub(crate) fn poll_read_append<R: AsyncRead + Unpin + ?Sized>(
     buf: &mut BytesMut,
     want: usize,
 ) -> Poll<std::io::Result<usize>> {
-    if want > SCRATCH_LEN {
+    // A reader that itself reads through this function on the same thread (a custom
+    // multiplexer) finds the scratch busy and takes the zeroing path.
+    let scratch = SCRATCH.with(|s| s.clone());
+    let Some(mut scratch) = scratch
+        .try_borrow_mut()
+        .ok()
+        .filter(|_| want <= SCRATCH_LEN)
+    else {
         let start = buf.len();
         buf.resize(start + want, 0);
         let mut rb = ReadBuf::new(&mut buf[start..]);
@@ -412,21 +419,20 @@ pub(crate) fn poll_read_append<R: AsyncRead + Unpin + ?Sized>(
         let n = rb.filled().len();
         buf.truncate(start + n);
         return res.map(|r| r.map(|()| n));
+    };
+    let mut rb = ReadBuf::new(&mut scratch[..want]);
+    let res = Pin::new(r).poll_read(cx, &mut rb);
+    let n = rb.filled().len();
+    if buf.capacity() - buf.len() < n {
+        buf.reserve(n.max(4096));
     }
-    SCRATCH.with_borrow_mut(|scratch| {
-        let mut rb = ReadBuf::new(&mut scratch[..want]);
-        let res = Pin::new(r).poll_read(cx, &mut rb);
-        let n = rb.filled().len();
-        if buf.capacity() - buf.len() < n {
-            buf.reserve(n.max(4096));
-        }
-        buf.extend_from_slice(rb.filled());
-        res.map(|r| r.map(|()| n))
-    })
+    buf.extend_from_slice(rb.filled());
+    res.map(|r| r.map(|()| n))
 }
 
 const SCRATCH_LEN: usize = 16 * 1024;
 
 thread_local! {
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SCRATCH_LEN]);
+    static SCRATCH: std::rc::Rc<std::cell::RefCell<Vec<u8>>> =
+        std::rc::Rc::new(std::cell::RefCell::new(vec![0; SCRATCH_LEN]));
 }
