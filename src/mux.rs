@@ -487,7 +487,7 @@ impl SendBudget {
 /// request, its answer and the stream's FIN would be three). Flushes are deferred
 /// until yamux waits to read, i.e. has nothing more to send right now, or 16 were
 /// deferred, so frames queued together leave in one `send`.
-struct Counted<T> {
+struct LinkIo<T> {
     io: T,
     budget: Arc<SendBudget>,
     /// Flushes yamux asked for and that were not done yet.
@@ -496,7 +496,7 @@ struct Counted<T> {
 
 const MAX_DEFERRED_FLUSHES: u32 = 16;
 
-impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Counted<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for LinkIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -513,7 +513,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Counted<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for LinkIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1061,7 +1061,7 @@ impl Inner {
             yamux::Mode::Server
         };
         let budget = Arc::new(SendBudget::new(self.cfg.send_queue));
-        let io = Counted {
+        let io = LinkIo {
             io,
             budget: budget.clone(),
             deferred: 0,
