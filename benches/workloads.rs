@@ -49,7 +49,7 @@ fn setup(sources: u32, frames: u32, size: usize, lz4: bool, random: bool) -> Set
                 })
             })
             .unwrap();
-        b.join(addr).await.unwrap();
+        b.join(addr).await.unwrap().detach();
         assert!(b.wait_for_name("w", Duration::from_secs(10)).await);
         (Client::new(b.clone()).unwrap(), (a, b), handle)
     });

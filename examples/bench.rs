@@ -228,7 +228,7 @@ fn run(a: &Args) -> Result<String, String> {
     let (server_node, addr) = server_node;
     let client = cli.block_on(async {
         let node = Node::new();
-        node.join(addr).await.map_err(|e| e.to_string())?;
+        node.join(addr).await.map_err(|e| e.to_string())?.detach();
         if !node
             .wait_for_name(&a.workload, Duration::from_secs(10))
             .await
@@ -355,7 +355,7 @@ fn run_mux(a: &Args) -> Result<String, String> {
     })?;
     let (client, mut done) = cli.block_on(async {
         let node = Node::new();
-        node.join(addr).await.map_err(|e| e.to_string())?;
+        node.join(addr).await.map_err(|e| e.to_string())?.detach();
         let mut sink = node.bind("sink").map_err(|e| e.to_string())?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -391,7 +391,7 @@ fn run_mux(a: &Args) -> Result<String, String> {
         for id in 0..shape.sources {
             let (node, p) = (server.clone(), payload.clone());
             srv.spawn(async move {
-                let s = node.dial("sink", Duration::from_secs(10), &[]).await?;
+                let s = node.dial("sink", Duration::from_secs(10)).await?;
                 let mut w = FramedWrite::new(s, codec());
                 w.feed(Bytes::copy_from_slice(&id.to_be_bytes())).await?;
                 for _ in 0..shape.frames {

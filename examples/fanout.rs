@@ -110,7 +110,7 @@ async fn run(o: Opts) -> Result<bool, Error> {
                     )
                 })
             })?;
-        gateway.join(addr).await?;
+        gateway.join(addr).await?.detach();
         shard_services.push(service);
         shard_nodes.push(node);
     }
@@ -150,7 +150,7 @@ async fn run(o: Opts) -> Result<bool, Error> {
 
     // The client.
     let client_node = Node::new();
-    client_node.join(gw_addr).await?;
+    client_node.join(gw_addr).await?.detach();
     client_node
         .wait_for_name("search", Duration::from_secs(10))
         .await;

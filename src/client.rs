@@ -21,7 +21,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, FRAME_SIZE_LIMIT};
-use crate::mux::{from_io, Addr, Listener, Multiplexer};
+use crate::mux::{from_io, Addr, DialOptions, Listener, Multiplexer};
 use crate::source::{
     poll_read_append, BoxRead, ChildStream, Meta, RemoteFrames, RequestTag, Source,
 };
@@ -181,7 +181,7 @@ struct ClientInner<M> {
     /// Master streams of finished requests, closed with the next request's write so
     /// both leave in one packet (see `Sources`).
     finished: Arc<Mutex<Vec<Box<dyn MasterIo>>>>,
-    _stop: DropGuard,
+    listening: Arc<DropGuard>,
 }
 
 /// Finished masters kept for the next request at most; beyond, they close at once.
@@ -198,10 +198,12 @@ enum Slot {
     Arrived(BoxRead),
 }
 
-/// Removes a request's routes when the last of its `Sources`/pending `Source`s is gone.
+/// Removes a request's routes when the last of its `Sources`/pending `Source`s is gone,
+/// and keeps the client's reply listener until then.
 struct RequestGuard {
     id: u64,
     routes: Arc<Mutex<Routes>>,
+    _listening: Arc<DropGuard>,
 }
 
 impl Drop for RequestGuard {
@@ -218,13 +220,18 @@ impl<M: Multiplexer> Client<M> {
         Self::with_config(mux, ClientConfig::default())
     }
 
-    /// A client with the given settings. Must run inside a tokio runtime.
+    /// A client with the given settings. Must run inside a tokio runtime
+    /// ([`Error::Misuse`] otherwise).
     pub fn with_config(mux: M, cfg: ClientConfig) -> Result<Self> {
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::Misuse("a Client must be made inside a tokio runtime"))?;
         let listener = mux.bind(":0")?;
         let reply = listener.local_addr().to_string();
         let routes = Arc::new(Mutex::new(Routes::default()));
         let stop = CancellationToken::new();
-        tokio::spawn(accept_children(
+        // The reply listener's task: it ends when the client and every request it
+        // made are gone (the last `listening` guard cancels it).
+        rt.spawn(accept_children(
             listener,
             routes.clone(),
             stop.clone(),
@@ -238,7 +245,7 @@ impl<M: Multiplexer> Client<M> {
                 routes,
                 next_req: AtomicU64::new(1),
                 finished: Arc::new(Mutex::new(Vec::new())),
-                _stop: stop.drop_guard(),
+                listening: Arc::new(stop.drop_guard()),
             }),
         })
     }
@@ -258,8 +265,16 @@ impl<M: Multiplexer> Client<M> {
         let guard = Arc::new(RequestGuard {
             id,
             routes: c.routes.clone(),
+            _listening: c.listening.clone(),
         });
-        let mut master = c.mux.dial(vaddr, c.cfg.dial_timeout, tags).await?;
+        let mut opts = DialOptions::new(c.cfg.dial_timeout);
+        if let Some(b) = tags.iter().find_map(|t| match t {
+            RequestTag::Bucket(b) => Some(b),
+            _ => None,
+        }) {
+            opts = opts.bucket(b.clone());
+        }
+        let mut master = c.mux.dial(vaddr, opts).await?;
         let msg = RequestMsg {
             id,
             reply: c.reply.clone(),

@@ -118,6 +118,10 @@ pub enum Error {
     /// The local source function failed or panicked.
     #[error("source function failed: {0}")]
     SourceFunc(String),
+    /// The API was used in a way it cannot serve (for example outside a tokio
+    /// runtime); the message says how.
+    #[error("misuse: {0}")]
+    Misuse(&'static str),
     /// An I/O error of the underlying transport.
     #[error("i/o: {0}")]
     Io(#[from] io::Error),

@@ -16,7 +16,8 @@
 //! // Two nodes joined over loopback TCP.
 //! let (server_node, client_node) = (Node::new(), Node::new());
 //! let addr = server_node.listen("127.0.0.1:0").await?;
-//! client_node.join(addr).await?;
+//! // The handle owns the reconnect loop; `detach` hands it to the node.
+//! client_node.join(addr).await?.detach();
 //!
 //! // A service: each request gets 3 sources of 2 frames.
 //! let _service = Server::new(server_node).listen_and_serve("greeter", |req| {
@@ -102,8 +103,8 @@ pub use bytes::Bytes;
 pub use client::{Client, ClientConfig, ErrorFn, Sources};
 pub use error::{Error, Result, Timeout};
 pub use mux::{
-    Addr, LinkEvent, Listener, Multiplexer, MuxStream, Node, NodeConfig, NodeId, NodeListener,
-    PROTOCOL_VERSION,
+    Addr, DialOptions, Joined, LinkEvent, Listener, Multiplexer, MuxStream, Node, NodeConfig,
+    NodeId, NodeListener, PROTOCOL_VERSION,
 };
 pub use server::{MaxErrorMassFn, ServeHandle, Server, ServerConfig, SourceItem};
 pub use source::{Meta, Request, RequestTag, Source, SourceSender};

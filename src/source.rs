@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -144,9 +145,22 @@ impl Source {
     /// If `capacity` is 0.
     pub fn channel(header: impl Into<Bytes>, capacity: usize) -> (SourceSender, Source) {
         let (tx, mut rx) = mpsc::channel(capacity);
-        let frames = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let completed = Arc::new(AtomicBool::new(false));
+        let done = completed.clone();
+        let frames = futures::stream::poll_fn(move |cx| match ready!(rx.poll_recv(cx)) {
+            // The sender is gone: it completed the source only if it said so on its
+            // way out (a sender dropped by a panic did not).
+            None if !done.load(Ordering::Acquire) => {
+                done.store(true, Ordering::Release);
+                Poll::Ready(Some(Err(Error::Remote("producer panicked".into()))))
+            }
+            other => Poll::Ready(other),
+        });
         (
-            SourceSender { tx: Some(tx) },
+            SourceSender {
+                tx: Some(tx),
+                completed,
+            },
             Source::try_new(header, frames),
         )
     }
@@ -220,10 +234,13 @@ impl FusedStream for Source {
 /// The sending half of [`Source::channel`].
 ///
 /// Dropping it completes the source, unless the thread is panicking: then the source
-/// fails, so a crashed producer is never mistaken for a finished one.
+/// fails, so a crashed producer is never mistaken for a finished one, whatever its
+/// buffer holds.
 #[derive(Debug)]
 pub struct SourceSender {
     tx: Option<mpsc::Sender<Result<Bytes>>>,
+    /// Set when the sender goes without a panic (or aborted): the end is a completion.
+    completed: Arc<AtomicBool>,
 }
 
 impl SourceSender {
@@ -239,7 +256,10 @@ impl SourceSender {
     /// Fails the source with `reason`; the consumer gets [`Error::Remote`].
     pub async fn abort(mut self, reason: impl Into<String>) {
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Err(Error::Remote(reason.into()))).await;
+            // The abort is what ends the source, not a panic.
+            self.completed.store(true, Ordering::Release);
+            // Err: the consumer is gone, and nobody is left to tell.
+            drop(tx.send(Err(Error::Remote(reason.into()))).await);
         }
     }
 
@@ -251,20 +271,21 @@ impl SourceSender {
 
 impl Drop for SourceSender {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Some(tx) = self.tx.take() {
-                let _ = tx.try_send(Err(Error::Remote("producer panicked".into())));
-            }
+        if !std::thread::panicking() {
+            self.completed.store(true, Ordering::Release);
         }
     }
 }
 
 // ------------------------------------------------------------------ remote frames
 
-/// Where a remote source's child stream is: still on its way, or being read.
+/// Where a remote source's child stream is: still on its way, being read, or let go
+/// of once its end was read (so its slot on the link frees while the consumer still
+/// takes the frames decoded ahead).
 pub(crate) enum ChildStream {
     Waiting(oneshot::Receiver<BoxRead>),
     Reading(BoxRead),
+    Done,
 }
 
 /// The client-side reader of one source's child stream.
@@ -324,10 +345,12 @@ impl RemoteFrames {
                 Some(Item::Frame(f)) => self.ahead.push_back(f),
                 Some(Item::End) => {
                     self.end = Some(None);
+                    self.stream = ChildStream::Done;
                     return Ok(());
                 }
                 Some(Item::Abort(reason)) => {
                     self.end = Some(Some(Error::Remote(reason)));
+                    self.stream = ChildStream::Done;
                     return Ok(());
                 }
                 None => return Ok(()),
@@ -348,6 +371,7 @@ impl RemoteFrames {
                     }
                     Err(_) => return Poll::Ready(Err(Error::Reset)),
                 },
+                ChildStream::Done => return Poll::Ready(Err(Error::Reset)),
             }
         };
         // Small frames: read what is there (up to 16 KiB) through the scratch buffer.
@@ -376,8 +400,8 @@ impl RemoteFrames {
                 (r, Timeout::FrameRead)
             }
             (ChildStream::Waiting(_), _) => (self.accept_timeout, Timeout::ChanAccept),
-            (ChildStream::Reading(_), Some(r)) => (r, Timeout::FrameRead),
-            (ChildStream::Reading(_), None) => return Poll::Pending,
+            (ChildStream::Reading(_) | ChildStream::Done, Some(r)) => (r, Timeout::FrameRead),
+            (ChildStream::Reading(_) | ChildStream::Done, None) => return Poll::Pending,
         };
         let timer = self
             .timer

@@ -12,7 +12,7 @@ async fn pair() -> (Node, Node) {
     let a = Node::new();
     let b = Node::new();
     let addr = a.listen("127.0.0.1:0").await.unwrap();
-    b.join(addr).await.unwrap();
+    b.join(addr).await.unwrap().detach();
     (a, b)
 }
 
@@ -595,11 +595,10 @@ impl chanserv::Multiplexer for NoDialBack {
     fn dial(
         &self,
         vaddr: &str,
-        timeout: Duration,
-        tags: &[chanserv::RequestTag],
+        opts: impl Into<chanserv::DialOptions>,
     ) -> impl std::future::Future<Output = chanserv::Result<Self::Stream>> + Send {
         let back = vaddr.contains(':');
-        let dial = self.0.dial(vaddr, timeout, tags);
+        let dial = self.0.dial(vaddr, opts);
         async move {
             if back {
                 std::future::pending::<()>().await;

@@ -30,7 +30,7 @@ async fn echo_server(node: &Node, vaddr: &str) -> tokio::task::JoinHandle<()> {
 }
 
 async fn roundtrip(node: &Node, vaddr: &str, msg: &[u8]) -> Result<Vec<u8>, Error> {
-    let mut s = node.dial(vaddr, T, &[]).await?;
+    let mut s = node.dial(vaddr, T).await?;
     s.write_all(msg).await?;
     s.shutdown().await?;
     let mut out = Vec::new();
@@ -50,7 +50,9 @@ async fn pair() -> (Node, Node) {
     let a = Node::new();
     let b = Node::new();
     let addr = a.listen("127.0.0.1:0").await.unwrap();
-    let id = b.join(addr).await.unwrap();
+    let joined = b.join(addr).await.unwrap();
+    let id = joined.peer();
+    joined.detach();
     assert_eq!(id, a.id());
     (a, b)
 }
@@ -103,7 +105,7 @@ async fn dropping_a_node_still_delivers_what_was_written() {
         (got, r.map_err(chanserv_err))
     });
     let data: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
-    let mut s = a.dial("sink", T, &[]).await.unwrap();
+    let mut s = a.dial("sink", T).await.unwrap();
     s.write_all(&data).await.unwrap();
     s.shutdown().await.unwrap();
     drop(s);
@@ -121,18 +123,15 @@ async fn unknown_address_fails_at_once() {
     // nothing advances it).
     let t0 = tokio::time::Instant::now();
     assert!(matches!(
-        b.dial("nope", T, &[]).await,
+        b.dial("nope", T).await,
         Err(Error::NoSuchAddress(_))
     ));
     assert!(matches!(
-        b.dial(":77", T, &[]).await,
+        b.dial(":77", T).await,
         Err(Error::NoSuchAddress(_))
     ));
     // An unbound port on a linked node: the remote answers at once.
-    let mut s = b
-        .dial(&format!("{:016x}:4242", a.id()), T, &[])
-        .await
-        .unwrap();
+    let mut s = b.dial(&format!("{:016x}:4242", a.id()), T).await.unwrap();
     let err = s.accepted().await.unwrap_err();
     assert!(matches!(err, Error::NoSuchAddress(_)), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(1));
@@ -145,7 +144,9 @@ async fn unix_socket_and_in_memory_links() {
     let a = Node::new();
     let b = Node::new();
     a.listen_unix(&dir).await.unwrap();
-    assert_eq!(b.join_unix(&dir).await.unwrap(), a.id());
+    let joined = b.join_unix(&dir).await.unwrap();
+    assert_eq!(joined.peer(), a.id());
+    joined.detach();
     let _srv = echo_server(&a, "echo").await;
     until_known(&b, "echo").await;
     assert_eq!(roundtrip(&b, "echo", b"unix").await.unwrap(), b"unix");
@@ -244,7 +245,7 @@ fn whoami(node: &Node, vaddr: &str) -> tokio::task::JoinHandle<()> {
 
 async fn owner(node: &Node, bucket: &str) -> u64 {
     let mut s = node
-        .dial("kv", T, &[chanserv::RequestTag::Bucket(bucket.into())])
+        .dial("kv", chanserv::DialOptions::new(T).bucket(bucket))
         .await
         .unwrap();
     let mut id = [0u8; 8];
@@ -261,7 +262,7 @@ async fn leaving_node_withdraws_names_and_buckets_are_stable() {
     let mut services = Vec::new();
     for s in &servers {
         services.push(whoami(s, "kv"));
-        s.join(addr).await.unwrap();
+        s.join(addr).await.unwrap().detach();
     }
     for _ in 0..3 {
         assert!(matches!(events.recv().await.unwrap(), LinkEvent::Up(_)));
@@ -293,7 +294,7 @@ async fn leaving_node_withdraws_names_and_buckets_are_stable() {
     }
     // Without a bucket, dial by name reaches only the remaining nodes.
     for _ in 0..10 {
-        let mut s = hub.dial("kv", T, &[]).await.unwrap();
+        let mut s = hub.dial("kv", T).await.unwrap();
         let mut id = [0u8; 8];
         s.read_exact(&mut id).await.unwrap();
         assert_ne!(u64::from_le_bytes(id), gone);
@@ -330,11 +331,11 @@ async fn links_rotate_before_stream_ids_run_out() {
     cfg.rotate_after(10);
     let b = Node::with_config(cfg);
     let addr = a.listen("127.0.0.1:0").await.unwrap();
-    b.join(addr).await.unwrap();
+    b.join(addr).await.unwrap().detach();
     let _srv = echo_server(&a, "echo").await;
     until_known(&b, "echo").await;
     // A stream held open across rotations keeps working on its old link.
-    let mut held = b.dial("echo", T, &[]).await.unwrap();
+    let mut held = b.dial("echo", T).await.unwrap();
     for i in 0..45u32 {
         let msg = i.to_le_bytes();
         assert_eq!(roundtrip(&b, "echo", &msg).await.unwrap(), msg);

@@ -1,0 +1,152 @@
+//! [`NodeConfig`]: every setting of a node, its default and its invariant, in one
+//! place. No behaviour.
+
+use std::time::Duration;
+
+/// [`Node`] settings. `Default`:
+///
+/// | setting | default |
+/// |---|---|
+/// | `max_streams` | 4096 outbound streams per link |
+/// | `keepalive_interval` | 5 s |
+/// | `keepalive_timeout` | 20 s |
+/// | `handshake_timeout` | 10 s |
+/// | `accept_backlog` | 1024 streams per listener |
+/// | `rotate_after` | 2^31 − 2^20 streams opened per link |
+/// | `reconnect_backoff` | 100 ms doubling to 5 s |
+/// | `split_send_size` | 256 KiB |
+/// | `close_timeout` | 2 s |
+/// | `send_queue` | 4 MiB per link |
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub(super) max_streams: usize,
+    pub(super) keepalive_interval: Duration,
+    pub(super) keepalive_timeout: Duration,
+    pub(super) handshake_timeout: Duration,
+    pub(super) accept_backlog: usize,
+    pub(super) rotate_after: u64,
+    pub(super) reconnect_min: Duration,
+    pub(super) reconnect_max: Duration,
+    pub(super) split_send_size: usize,
+    pub(super) close_timeout: Duration,
+    pub(super) send_queue: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            max_streams: 4096,
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(10),
+            accept_backlog: 1024,
+            rotate_after: (1 << 31) - (1 << 20),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            split_send_size: 256 * 1024,
+            close_timeout: Duration::from_secs(2),
+            send_queue: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Most streams this node opens on one link at once; more opens wait (up to their
+    /// dial timeout). The two ends of a link use the smaller of their values, and yamux
+    /// is configured for twice that plus slack, so its hard limit (which kills the whole
+    /// connection) is never reached.
+    ///
+    /// # Panics
+    /// If `n` is 0 or above 1,000,000.
+    pub fn max_streams(&mut self, n: usize) -> &mut Self {
+        assert!((1..=1_000_000).contains(&n), "max_streams must be 1..=1e6");
+        self.max_streams = n;
+        self
+    }
+    /// How often an idle link is pinged, and how long it may stay silent before it is
+    /// declared dead (its streams fail, its names are withdrawn).
+    ///
+    /// # Panics
+    /// If `interval` is zero or not shorter than `timeout`.
+    pub fn keepalive(&mut self, interval: Duration, timeout: Duration) -> &mut Self {
+        assert!(
+            !interval.is_zero() && interval < timeout,
+            "need 0 < interval < timeout"
+        );
+        self.keepalive_interval = interval;
+        self.keepalive_timeout = timeout;
+        self
+    }
+    /// How long a link handshake may take.
+    pub fn handshake_timeout(&mut self, t: Duration) -> &mut Self {
+        self.handshake_timeout = t;
+        self
+    }
+    /// Streams queued per listener before the acceptor waits (backpressure).
+    ///
+    /// # Panics
+    /// If `n` is 0.
+    pub fn accept_backlog(&mut self, n: usize) -> &mut Self {
+        assert!(n > 0, "accept_backlog must be positive");
+        self.accept_backlog = n;
+        self
+    }
+    /// After this many streams opened on one link, this node moves new streams to a
+    /// fresh link (yamux never reuses a stream id; there are about 2^31 per side).
+    /// Streams in flight on the old link finish there.
+    ///
+    /// # Panics
+    /// If `n` is 0 or above 2^31 − 2^16.
+    pub fn rotate_after(&mut self, n: u64) -> &mut Self {
+        assert!(
+            (1..=(1 << 31) - (1 << 16)).contains(&n),
+            "rotate_after out of range"
+        );
+        self.rotate_after = n;
+        self
+    }
+    /// Backoff of `join`'s reconnection: doubles from `min` to `max`.
+    pub fn reconnect_backoff(&mut self, min: Duration, max: Duration) -> &mut Self {
+        assert!(!min.is_zero() && min <= max, "need 0 < min <= max");
+        self.reconnect_min = min;
+        self.reconnect_max = max;
+        self
+    }
+    /// Largest yamux data frame. Larger writes are split. 256 KiB measured best for
+    /// 1 MiB frames on loopback (yamux's own default is 16 KiB).
+    pub fn split_send_size(&mut self, n: usize) -> &mut Self {
+        assert!(n >= 1024, "split_send_size must be at least 1 KiB");
+        self.split_send_size = n;
+        self
+    }
+
+    /// How long closing a link (node shutdown or drop, rotation, a dead peer) may spend
+    /// delivering what streams already wrote, their end-of-stream included, before the
+    /// socket is dropped.
+    pub fn close_timeout(&mut self, t: Duration) -> &mut Self {
+        self.close_timeout = t;
+        self
+    }
+
+    /// Most bytes a link's streams may have handed to yamux that it has not written to
+    /// the socket yet; writers wait beyond it. yamux itself would queue up to each
+    /// stream's 256 KiB window, which for thousands of streams is hundreds of MiB.
+    ///
+    /// # Panics
+    /// If `n` is below 64 KiB.
+    pub fn send_queue(&mut self, n: usize) -> &mut Self {
+        assert!(n >= 64 * 1024, "send_queue must be at least 64 KiB");
+        self.send_queue = n;
+        self
+    }
+
+    pub(super) fn yamux(&self, max_streams: usize) -> yamux::Config {
+        let mut c = yamux::Config::default();
+        // Memory is bounded by what peers actually send within their windows; the
+        // connection-wide cap must allow every stream its initial 256 KiB.
+        c.set_max_connection_receive_window(None);
+        c.set_max_num_streams(2 * max_streams + 512);
+        c.set_split_send_size(self.split_send_size);
+        c
+    }
+}

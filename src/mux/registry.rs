@@ -1,0 +1,245 @@
+//! What a node knows: its binds, its links per peer, the names each peer announced,
+//! and where a dial goes (local listener, round robin, rendezvous buckets). Pure
+//! bookkeeping under the node's lock: no I/O, no tasks.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Weak};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::sync::mpsc;
+
+use super::join::{JoinEntry, Rejoin};
+use super::link::Link;
+use super::stream::MuxStream;
+use super::{Addr, NodeId, VAddr, CTL_NAMES};
+use crate::error::{Error, Result};
+
+/// Everything behind the node's one lock.
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) binds: HashMap<String, Binding>,
+    pub(super) next_port: u32,
+    /// Links per peer, oldest first; dials use the newest that is not draining.
+    pub(super) links: HashMap<NodeId, Vec<Arc<Link>>>,
+    /// Names each peer binds, as it last told us.
+    pub(super) peer_names: HashMap<NodeId, BTreeSet<String>>,
+    /// The reconnect loop of each joined address, owned by its [`Joined`](super::Joined)
+    /// handles: one loop per address.
+    pub(super) joins: HashMap<Rejoin, Weak<JoinEntry>>,
+    /// Joins handed to the node by [`Joined::detach`](super::Joined::detach).
+    pub(super) detached: Vec<Arc<JoinEntry>>,
+    /// Set by shutdown: no bind, link or join is taken any more.
+    pub(super) closed: bool,
+}
+
+/// A bound address: where its streams are queued.
+pub(super) struct Binding {
+    pub(super) id: u64,
+    pub(super) tx: mpsc::Sender<(MuxStream, Addr)>,
+}
+
+/// Where a dial goes.
+pub(super) enum Route {
+    /// A listener of this node, under this key.
+    Local(mpsc::Sender<(MuxStream, Addr)>, String),
+    /// A link, asking the peer for this address.
+    Remote(Arc<Link>, String),
+}
+
+impl State {
+    /// The NAMES control message announcing this node's service names.
+    pub(super) fn names_message(&self) -> Bytes {
+        let mut m = BytesMut::new();
+        m.put_u8(CTL_NAMES);
+        for name in self.binds.keys().filter(|k| !k.starts_with(':')) {
+            m.put_u8(name.len() as u8);
+            m.put_slice(name.as_bytes());
+        }
+        m.freeze()
+    }
+
+    /// Tells every linked peer this node's names.
+    pub(super) fn announce_names(&self) {
+        let msg = self.names_message();
+        for l in self.links.values().flatten() {
+            l.send_control(msg.clone());
+        }
+    }
+
+    /// The link dials to `peer` use: the newest that is not draining.
+    fn newest_link(&self, peer: NodeId) -> Option<Arc<Link>> {
+        let links = self.links.get(&peer)?;
+        links
+            .iter()
+            .rev()
+            .find(|l| !l.is_draining())
+            .or_else(|| links.last())
+            .cloned()
+    }
+
+    /// The linked peers that announced `name`.
+    pub(super) fn peers_binding(&self, name: &str) -> Vec<NodeId> {
+        self.peer_names
+            .iter()
+            .filter(|(peer, names)| names.contains(name) && self.links.contains_key(peer))
+            .map(|(peer, _)| *peer)
+            .collect()
+    }
+
+    /// The key a local address is bound under, if `v` names this node.
+    pub(super) fn local_key(v: &VAddr, here: NodeId) -> Option<String> {
+        match v {
+            VAddr::Name(n) => Some(n.clone()),
+            VAddr::Port(p) => Some(format!(":{p}")),
+            VAddr::Node(id, p) if *id == here => Some(format!(":{p}")),
+            VAddr::Node(..) => None,
+        }
+    }
+
+    /// The listener bound to `target`, if any.
+    pub(super) fn listener_for(
+        &self,
+        target: &str,
+        here: NodeId,
+    ) -> Option<mpsc::Sender<(MuxStream, Addr)>> {
+        let key = Self::local_key(&VAddr::parse(target).ok()?, here)?;
+        self.binds.get(&key).map(|b| b.tx.clone())
+    }
+
+    /// Picks where a dial goes. `rr` is the round-robin counter for names.
+    pub(super) fn route(
+        &self,
+        here: NodeId,
+        v: &VAddr,
+        bucket: Option<&str>,
+        rr: usize,
+    ) -> Result<Route> {
+        let local = |key: &str| {
+            self.binds
+                .get(key)
+                .map(|b| Route::Local(b.tx.clone(), key.to_owned()))
+        };
+        let none = |s: String| Error::NoSuchAddress(s);
+        match v {
+            VAddr::Port(p) => local(&format!(":{p}")).ok_or_else(|| none(format!(":{p}"))),
+            VAddr::Node(id, p) if *id == here => {
+                local(&format!(":{p}")).ok_or_else(|| none(format!(":{p}")))
+            }
+            VAddr::Node(id, p) => self
+                .newest_link(*id)
+                .map(|l| Route::Remote(l, format!(":{p}")))
+                .ok_or_else(|| none(format!("{id:016x}:{p} (no link to that node)"))),
+            VAddr::Name(name) => {
+                let mut candidates = self.peers_binding(name);
+                let is_here = self.binds.contains_key(name);
+                if is_here && bucket.is_none() {
+                    return Ok(local(name).expect("checked"));
+                }
+                if is_here {
+                    candidates.push(here);
+                }
+                let pick = match bucket {
+                    Some(b) => candidates.iter().copied().max_by_key(|n| hrw(*n, b)),
+                    None if candidates.is_empty() => None,
+                    None => {
+                        candidates.sort_unstable();
+                        Some(candidates[rr % candidates.len()])
+                    }
+                };
+                match pick {
+                    None => Err(none(name.clone())),
+                    Some(n) if n == here => Ok(local(name).expect("checked")),
+                    Some(n) => Ok(Route::Remote(
+                        self.newest_link(n).expect("candidate has a link"),
+                        name.clone(),
+                    )),
+                }
+            }
+        }
+    }
+}
+
+/// A NAMES control message's body: `len u8, name` repeated; a truncated tail is
+/// ignored.
+pub(crate) fn parse_names(mut msg: Bytes) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    while msg.remaining() >= 1 {
+        let n = msg.get_u8() as usize;
+        if msg.remaining() < n {
+            break;
+        }
+        let name = msg.split_to(n);
+        names.insert(String::from_utf8_lossy(&name).into_owned());
+    }
+    names
+}
+
+/// Highest-random-weight (rendezvous) score: the node with the highest score for a
+/// bucket serves it, so when a node leaves only its buckets move.
+pub(super) fn hrw(node: NodeId, bucket: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.to_le_bytes().iter().chain(bucket.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    splitmix(h)
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+pub(super) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_usize(&h as *const _ as usize);
+    splitmix(h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_move_only_with_their_node() {
+        let nodes = [1u64, 2, 3];
+        let owner = |set: &[u64], b: &str| *set.iter().max_by_key(|n| hrw(**n, b)).unwrap();
+        let mut moved = 0;
+        for i in 0..200 {
+            let b = format!("bucket-{i}");
+            let before = owner(&nodes, &b);
+            let after = owner(&[1, 3], &b);
+            if before != 2 {
+                assert_eq!(before, after, "a bucket of a staying node moved");
+            } else {
+                moved += 1;
+            }
+        }
+        assert!((30..=110).contains(&moved), "node 2 owned {moved} of 200");
+    }
+
+    #[test]
+    fn names_round_trip_and_truncated_tails_are_ignored() {
+        let mut st = State::default();
+        for n in ["a", "search:7"] {
+            let (tx, _rx) = mpsc::channel(1);
+            st.binds.insert(n.into(), Binding { id: 0, tx });
+        }
+        let (tx, _rx) = mpsc::channel(1);
+        st.binds.insert(":9".into(), Binding { id: 0, tx });
+        let mut m = st.names_message();
+        assert_eq!(m.get_u8(), CTL_NAMES);
+        let names = parse_names(m.clone());
+        assert_eq!(names.into_iter().collect::<Vec<_>>(), ["a", "search:7"]);
+        let cut = m.slice(..m.len() - 1);
+        assert_eq!(parse_names(cut).len(), 1);
+    }
+}

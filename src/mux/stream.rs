@@ -1,0 +1,337 @@
+//! [`MuxStream`], the byte stream a [`Node`](super::Node) hands out, and the reader of
+//! a stream's open header. A stream owns its yamux stream (or in-memory pipe), its
+//! slot on the link, what it still owes the peer (open header or accepted status),
+//! and its watch on the link's lifeline: when the link dies, a parked read or write
+//! fails with [`Error::LinkClosed`] instead of waiting forever.
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use futures::future::poll_fn;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::lifeline::{Half, Watch};
+use super::link::Link;
+use super::{OPEN_CONTROL, OPEN_DIAL, STATUS_ACCEPTED, STATUS_NO_SUCH_ADDRESS, STATUS_REFUSED};
+use crate::error::{Error, Result};
+
+pub(super) type YamuxIo = tokio_util::compat::Compat<yamux::Stream>;
+
+pub(super) enum Io {
+    Yamux(YamuxIo),
+    Local(tokio::io::DuplexStream),
+}
+
+impl Io {
+    pub(super) fn yamux(s: yamux::Stream) -> Io {
+        Io::Yamux(tokio_util::compat::FuturesAsyncReadCompatExt::compat(s))
+    }
+}
+
+/// A stream of a [`Node`](super::Node): tokio `AsyncRead + AsyncWrite`.
+///
+/// Dropping it without [`shutdown`](AsyncWriteExt::shutdown) resets the stream (the
+/// peer's reads end early); `shutdown` closes the write half cleanly (FIN). When the
+/// link under it dies (or its node shuts down), reads and writes that would wait fail
+/// with [`Error::LinkClosed`] (inside the `io::Error`; see [`Error`]'s docs); data that
+/// had already arrived is still read first.
+pub struct MuxStream {
+    io: Io,
+    /// Open header not yet written: it goes out with the first write.
+    pub(super) header: Option<BytesMut>,
+    /// The acceptor's status byte has not been read yet (dialer side).
+    status_pending: bool,
+    _permit: Option<OwnedSemaphorePermit>,
+    /// The link that carries the stream, when it counts in its `active` streams.
+    pub(super) link: Option<Arc<Link>>,
+    /// The send-budget round this stream is registered for, with the waker it gave.
+    budget_wait: Option<(u64, std::task::Waker)>,
+    watch: Watch,
+}
+
+impl fmt::Debug for MuxStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MuxStream")
+            .field("local", &matches!(self.io, Io::Local(_)))
+            .finish()
+    }
+}
+
+impl MuxStream {
+    /// A stream watching `watch`'s lifeline. A dialer's stream carries its open header
+    /// (and then expects a status); an accepted one is given its owed status later.
+    pub(super) fn new(io: Io, watch: Watch, header: Option<BytesMut>) -> Self {
+        let status_pending = header.is_some();
+        MuxStream {
+            io,
+            header,
+            status_pending,
+            _permit: None,
+            link: None,
+            budget_wait: None,
+            watch,
+        }
+    }
+
+    /// Counts the stream on `link` (for retirement) and holds its slot until dropped.
+    pub(super) fn on_link(mut self, link: Arc<Link>, permit: Option<OwnedSemaphorePermit>) -> Self {
+        link.active.fetch_add(1, Ordering::Relaxed);
+        self.link = Some(link);
+        self._permit = permit;
+        self
+    }
+
+    /// Waits for the acceptor's answer (dialer side): `Ok` once the address accepted
+    /// the stream, its error otherwise. Reads do this by themselves.
+    pub async fn accepted(&mut self) -> Result<()> {
+        self.flush().await?;
+        poll_fn(|cx| {
+            let r = self.poll_status(cx);
+            self.unless_dead(Half::Read, cx, r)
+        })
+        .await
+        .map_err(from_io)
+    }
+
+    /// An operation that would wait fails instead when the link is gone, and an error
+    /// of the transport while the link closes is the link's.
+    fn unless_dead<T>(
+        &self,
+        half: Half,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let lost = match &r {
+            Poll::Pending => self.watch.parked_on_dead(half, cx),
+            Poll::Ready(Err(e)) => !carries_error(e) && self.watch.is_closing(),
+            Poll::Ready(Ok(_)) => false,
+        };
+        if lost {
+            return Poll::Ready(Err(io::Error::other(Error::LinkClosed)));
+        }
+        r
+    }
+
+    fn poll_status(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.status_pending {
+            return Poll::Ready(Ok(()));
+        }
+        let mut b = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut b);
+        ready!(self.poll_io_read(cx, &mut rb))?;
+        self.status_pending = false;
+        let err = match rb.filled().first() {
+            Some(&STATUS_ACCEPTED) => return Poll::Ready(Ok(())),
+            Some(&STATUS_NO_SUCH_ADDRESS) => Error::NoSuchAddress("at the remote node".into()),
+            Some(&STATUS_REFUSED) => Error::Refused("the remote listener".into()),
+            Some(other) => Error::Protocol(format!("unknown open status {other}")),
+            None => Error::Reset,
+        };
+        Poll::Ready(Err(io::Error::other(err)))
+    }
+
+    fn poll_io_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.io {
+            Io::Yamux(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Local(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+
+    fn poll_io_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match &mut self.io {
+            Io::Yamux(s) => match &self.link {
+                Some(l) => {
+                    ready!(l.budget.poll_room(cx, &mut self.budget_wait));
+                    let n = ready!(Pin::new(s).poll_write(cx, buf))?;
+                    l.budget.handed(n);
+                    Poll::Ready(Ok(n))
+                }
+                None => Pin::new(s).poll_write(cx, buf),
+            },
+            Io::Local(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_header(&mut self, cx: &mut Context<'_>, first: &[u8]) -> Poll<io::Result<usize>> {
+        // Header and the first bytes of data in one yamux frame: one packet for a
+        // request that fits.
+        let Some(h) = self.header.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        let hlen = h.len();
+        let take = first.len().min(16 * 1024);
+        h.extend_from_slice(&first[..take]);
+        let r = match &mut self.io {
+            Io::Yamux(s) => Pin::new(s).poll_write(cx, h),
+            Io::Local(s) => Pin::new(s).poll_write(cx, h),
+        };
+        h.truncate(hlen);
+        let n = ready!(r)?;
+        if n >= hlen {
+            self.header = None;
+            Poll::Ready(Ok(n - hlen))
+        } else {
+            h.advance(n);
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+
+    fn poll_read_inner(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let r = match self.poll_status(cx) {
+            Poll::Ready(Ok(())) => self.poll_io_read(cx, buf),
+            other => other,
+        };
+        if r.is_pending() && self.header.is_some() {
+            // Nothing to read yet: send what this side owes (the open header, or the
+            // accepted status) so the peer can answer. Data already here was read
+            // without it, so a request and its reply each cost one yamux frame.
+            ready!(self.poll_header(cx, &[]))?;
+        }
+        r
+    }
+
+    fn poll_write_inner(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.header.is_some() {
+            let n = ready!(self.poll_header(cx, buf))?;
+            if n > 0 || buf.is_empty() {
+                return Poll::Ready(Ok(n));
+            }
+        }
+        self.poll_io_write(cx, buf)
+    }
+
+    fn poll_close_inner(&mut self, cx: &mut Context<'_>, shutdown: bool) -> Poll<io::Result<()>> {
+        if self.header.is_some() {
+            ready!(self.poll_header(cx, &[]))?;
+        }
+        match (&mut self.io, shutdown) {
+            (Io::Yamux(s), false) => Pin::new(s).poll_flush(cx),
+            (Io::Yamux(s), true) => Pin::new(s).poll_shutdown(cx),
+            (Io::Local(s), false) => Pin::new(s).poll_flush(cx),
+            (Io::Local(s), true) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Drop for MuxStream {
+    fn drop(&mut self) {
+        if let Some(l) = &self.link {
+            l.active.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// True when the `io::Error` carries a chanserv [`Error`].
+fn carries_error(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<Error>())
+}
+
+/// Unwraps a chanserv [`Error`] carried inside an `io::Error` by [`MuxStream`].
+pub(crate) fn from_io(e: io::Error) -> Error {
+    if carries_error(&e) {
+        return *e
+            .into_inner()
+            .expect("checked")
+            .downcast::<Error>()
+            .expect("checked");
+    }
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::WriteZero => {
+            Error::Reset
+        }
+        _ => Error::Io(e),
+    }
+}
+
+impl AsyncRead for MuxStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = this.poll_read_inner(cx, buf);
+        this.unless_dead(Half::Read, cx, r)
+    }
+}
+
+impl AsyncWrite for MuxStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = this.poll_write_inner(cx, buf);
+        this.unless_dead(Half::Write, cx, r)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = this.poll_close_inner(cx, false);
+        this.unless_dead(Half::Write, cx, r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = this.poll_close_inner(cx, true);
+        this.unless_dead(Half::Write, cx, r)
+    }
+}
+
+/// Reads a stream's open header (`PROTOCOL.md`, stream open) without losing bytes when
+/// it arrives in pieces: `Some(address)` for a dial, `None` for the control stream.
+#[derive(Default)]
+pub(super) struct OpenReader {
+    got: Vec<u8>,
+}
+
+impl OpenReader {
+    pub(super) fn poll(
+        &mut self,
+        s: &mut MuxStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<String>>> {
+        loop {
+            let need = match self.got.as_slice() {
+                [] => 1,
+                [OPEN_CONTROL] => return Poll::Ready(Ok(None)),
+                [OPEN_DIAL] => 2,
+                [OPEN_DIAL, n, name @ ..] if name.len() == usize::from(*n) => {
+                    return Poll::Ready(
+                        String::from_utf8(name.to_vec())
+                            .map(Some)
+                            .map_err(|_| Error::Protocol("address is not UTF-8".into())),
+                    );
+                }
+                [OPEN_DIAL, n, ..] => 2 + usize::from(*n),
+                [k, ..] => {
+                    return Poll::Ready(Err(Error::Protocol(format!("unknown stream kind {k}"))))
+                }
+            };
+            let mut b = [0u8; 257];
+            let want = need - self.got.len();
+            let mut rb = ReadBuf::new(&mut b[..want]);
+            ready!(Pin::new(&mut *s).poll_read(cx, &mut rb)).map_err(from_io)?;
+            if rb.filled().is_empty() {
+                return Poll::Ready(Err(Error::Reset));
+            }
+            self.got.extend_from_slice(rb.filled());
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! [`ServerConfig`]: Go's `ServerOption`s, their defaults and invariants. No behaviour.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+
+use crate::client::ErrorFn;
+use crate::error::Error;
+use crate::frame::{FrameCodec, FRAME_SIZE_LIMIT};
+
+/// What to do when errors pile up (Go's `OnMaxErrorMass`).
+pub type MaxErrorMassFn =
+    Arc<dyn Fn(usize) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// [`Server`] settings, Go's `ServerOption`s with the same defaults:
+///
+/// | setting | default |
+/// |---|---|
+/// | `on_error` | log with `tracing` |
+/// | `on_chan_error` | log with `tracing` |
+/// | `max_error_mass` | 10 |
+/// | `on_max_error_mass` | back off 30 s before accepting again (async, no thread blocked) |
+/// | `serving_timeout` | none |
+/// | `sourcing_timeout` | none |
+/// | `chan_accept_timeout` | 30 s |
+/// | `master_read_timeout` | none |
+/// | `master_write_timeout` | none |
+/// | `frame_write_timeout` | none |
+/// | `use_compression` | off |
+/// | `frame_size_limit` | 100 MiB |
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub(super) on_error: Option<ErrorFn>,
+    pub(super) on_chan_error: Option<ErrorFn>,
+    pub(super) max_error_mass: usize,
+    pub(super) on_max_error_mass: Option<MaxErrorMassFn>,
+    pub(super) serving_timeout: Option<Duration>,
+    pub(super) sourcing_timeout: Option<Duration>,
+    pub(super) chan_accept_timeout: Duration,
+    pub(super) master_read_timeout: Option<Duration>,
+    pub(super) master_write_timeout: Option<Duration>,
+    pub(super) frame_write_timeout: Option<Duration>,
+    pub(super) compression: bool,
+    pub(super) frame_size_limit: usize,
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("max_error_mass", &self.max_error_mass)
+            .field("serving_timeout", &self.serving_timeout)
+            .field("sourcing_timeout", &self.sourcing_timeout)
+            .field("chan_accept_timeout", &self.chan_accept_timeout)
+            .field("master_read_timeout", &self.master_read_timeout)
+            .field("master_write_timeout", &self.master_write_timeout)
+            .field("frame_write_timeout", &self.frame_write_timeout)
+            .field("compression", &self.compression)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            on_error: None,
+            on_chan_error: None,
+            max_error_mass: 10,
+            on_max_error_mass: None,
+            serving_timeout: None,
+            sourcing_timeout: None,
+            chan_accept_timeout: Duration::from_secs(30),
+            master_read_timeout: None,
+            master_write_timeout: None,
+            frame_write_timeout: None,
+            compression: false,
+            frame_size_limit: FRAME_SIZE_LIMIT,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Called with each request-level error (bad request, failed source function,
+    /// master stream timeouts).
+    pub fn on_error(&mut self, f: impl Fn(&Error) + Send + Sync + 'static) -> &mut Self {
+        self.on_error = Some(Arc::new(f));
+        self
+    }
+    /// Called with each source-level error (child stream failed or timed out).
+    pub fn on_chan_error(&mut self, f: impl Fn(&Error) + Send + Sync + 'static) -> &mut Self {
+        self.on_chan_error = Some(Arc::new(f));
+        self
+    }
+    /// Consecutive errors after which `on_max_error_mass` runs before the server
+    /// accepts again.
+    ///
+    /// # Panics
+    /// If `n` is 0.
+    pub fn max_error_mass(&mut self, n: usize) -> &mut Self {
+        assert!(n > 0, "max_error_mass must be positive");
+        self.max_error_mass = n;
+        self
+    }
+    /// Runs (and is awaited, so accepting pauses) when the error mass is reached; the
+    /// count then starts again. Default: wait 30 s.
+    pub fn on_max_error_mass<F, Fut>(&mut self, f: F) -> &mut Self
+    where
+        F: Fn(usize) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.on_max_error_mass = Some(Arc::new(move |n| f(n).boxed()));
+        self
+    }
+    /// Longest time from a request's arrival to its last announcement.
+    pub fn serving_timeout(&mut self, t: Option<Duration>) -> &mut Self {
+        self.serving_timeout = t;
+        self
+    }
+    /// Longest wait for the source function's next source.
+    pub fn sourcing_timeout(&mut self, t: Option<Duration>) -> &mut Self {
+        self.sourcing_timeout = t;
+        self
+    }
+    /// Longest wait to open a source's child stream to the client.
+    pub fn chan_accept_timeout(&mut self, t: Duration) -> &mut Self {
+        self.chan_accept_timeout = t;
+        self
+    }
+    /// Longest wait for the request on a new master stream.
+    pub fn master_read_timeout(&mut self, t: Option<Duration>) -> &mut Self {
+        self.master_read_timeout = t;
+        self
+    }
+    /// Longest wait for one write on the master stream.
+    pub fn master_write_timeout(&mut self, t: Option<Duration>) -> &mut Self {
+        self.master_write_timeout = t;
+        self
+    }
+    /// Longest wait for one write of frames on a child stream (a consumer that stops
+    /// reading for longer fails its source).
+    pub fn frame_write_timeout(&mut self, t: Option<Duration>) -> &mut Self {
+        self.frame_write_timeout = t;
+        self
+    }
+    /// Compress frames with LZ4 where that makes them smaller.
+    pub fn use_compression(&mut self, on: bool) -> &mut Self {
+        self.compression = on;
+        self
+    }
+    /// Largest frame sent or accepted (see [`FrameCodec::with_limit`]).
+    pub fn frame_size_limit(&mut self, n: usize) -> &mut Self {
+        self.frame_size_limit = FrameCodec::new().with_limit(n).limit();
+        self
+    }
+}

@@ -1,0 +1,232 @@
+//! One source's child stream (`PROTOCOL.md`, "chanserv"): dial it back to the client,
+//! write the source's frames in batches, end it with END or ABORT, then hold it until
+//! the client is done with it.
+//!
+//! The client never writes on a child stream, so whenever the pump would wait (for
+//! the producer, for window, for the link) it also watches the stream's read side: a
+//! read that returns means the client dropped the source, refused the stream or lost
+//! the link, and the producer is dropped at once, busy or idle. Holding the stream
+//! after END keeps its slot on the link taken until the client let go of it, so what a
+//! client holds for sources it has not reached yet is bounded by the link's slots.
+
+use std::collections::VecDeque;
+use std::io;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::future::poll_fn;
+use futures::{FutureExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::{panic_message, with_timeout, Ctx, WRITE_BATCH};
+use crate::error::{Error, Result, Timeout};
+use crate::frame::FrameCodec;
+use crate::mux::{from_io, DialOptions, Multiplexer};
+use crate::source::Source;
+
+/// A source announced on the master, whose frames go on a child stream.
+pub(super) struct Pump<M> {
+    pub(super) ctx: Arc<Ctx<M>>,
+    pub(super) source: Source,
+    /// Frames taken from the source while it was announced, not written yet.
+    pub(super) ready: VecDeque<Bytes>,
+    /// How the source ended while it was announced, if it did.
+    pub(super) ended: Option<Result<()>>,
+    pub(super) reply: String,
+    pub(super) req_id: u64,
+    pub(super) id: u32,
+}
+
+/// Why a source's frames stopped.
+enum Stop {
+    /// The producer finished: END.
+    Done,
+    /// The producer failed (or panicked, or made a frame over the limit): ABORT.
+    Failed(Error),
+    /// The stream failed (client gone, link lost, write timeout): nothing more to say.
+    Gone(Error),
+}
+
+impl<M: Multiplexer> Pump<M> {
+    /// Runs the source to its end; `Err` when it did not complete.
+    pub(super) async fn run(mut self) -> Result<()> {
+        let opts = DialOptions::new(self.ctx.cfg.chan_accept_timeout).wait_for_slot(true);
+        let s = self.ctx.mux.dial(&self.reply, opts).await?;
+        let mut child = Child {
+            s,
+            wbuf: BytesMut::with_capacity(WRITE_BATCH + 1024),
+            timeout: self.ctx.cfg.frame_write_timeout,
+        };
+        child.wbuf.put_u64_le(self.req_id);
+        child.wbuf.put_u32_le(self.id);
+        let codec = self.ctx.codec();
+        let outcome = match self.frames(&codec, &mut child).await {
+            Stop::Gone(e) => return Err(e),
+            Stop::Done => {
+                FrameCodec::encode_end(&mut child.wbuf);
+                Ok(())
+            }
+            Stop::Failed(e) => {
+                let reason = match &e {
+                    Error::Remote(m) => m.clone(),
+                    other => other.to_string(),
+                };
+                FrameCodec::encode_abort(&reason, &mut child.wbuf);
+                Err(e)
+            }
+        };
+        // The producer is done: drop it now, not when the client lets go.
+        drop(self);
+        child.write(None).await?;
+        child.finish().await?;
+        outcome
+    }
+
+    /// Writes frames until the source ends or the stream fails.
+    async fn frames(&mut self, codec: &FrameCodec, child: &mut Child<M::Stream>) -> Stop {
+        while let Some(f) = self.ready.pop_front() {
+            if let Some(stop) = put(codec, child, f).await {
+                return stop;
+            }
+        }
+        match self.ended.take() {
+            Some(Ok(())) => return Stop::Done,
+            Some(Err(e)) => return Stop::Failed(e),
+            None => {}
+        }
+        loop {
+            let item = match next_frame(&mut self.source).now_or_never() {
+                Some(item) => item,
+                None => {
+                    if let Err(e) = child.write(None).await {
+                        return Stop::Gone(e);
+                    }
+                    tokio::select! {
+                        item = next_frame(&mut self.source) => item,
+                        e = child.gone() => return Stop::Gone(e),
+                    }
+                }
+            };
+            match item {
+                Ok(Some(f)) => {
+                    if let Some(stop) = put(codec, child, f).await {
+                        return stop;
+                    }
+                }
+                Ok(None) => return Stop::Done,
+                Err(e) => return Stop::Failed(e),
+            }
+        }
+    }
+}
+
+/// Encodes one frame, writing the batch when it is full (or the frame is big).
+async fn put<S: AsyncRead + AsyncWrite + Unpin>(
+    codec: &FrameCodec,
+    child: &mut Child<S>,
+    f: Bytes,
+) -> Option<Stop> {
+    // A frame the codec refuses (over the limit) fails the source: the client is
+    // told why instead of waiting for frames that never come.
+    let written = match codec.encode_split(f, &mut child.wbuf) {
+        Ok(Some(big)) => child.write(Some(big)).await,
+        Ok(None) if child.wbuf.len() >= WRITE_BATCH => {
+            let r = child.write(None).await;
+            // The sibling sources of this task, and the worker, get their turn
+            // even when this producer and the link never make us wait.
+            tokio::task::consume_budget().await;
+            r
+        }
+        Ok(None) => Ok(()),
+        Err(e) => return Some(Stop::Failed(e)),
+    };
+    written.err().map(Stop::Gone)
+}
+
+/// The source's next frame; a producer that panics fails its own source only.
+async fn next_frame(source: &mut Source) -> Result<Option<Bytes>> {
+    match AssertUnwindSafe(source.next()).catch_unwind().await {
+        Ok(Some(Ok(f))) => Ok(Some(f)),
+        Ok(Some(Err(e))) => Err(e),
+        Ok(None) => Ok(None),
+        Err(p) => Err(Error::Remote(format!("producer {}", panic_message(&p)))),
+    }
+}
+
+/// A child stream and its write batch.
+struct Child<S> {
+    s: S,
+    wbuf: BytesMut,
+    timeout: Option<std::time::Duration>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Child<S> {
+    /// Writes the batch, then `big` (a large payload that is not copied), while
+    /// watching the read side. Bounded by the frame write timeout, if any.
+    async fn write(&mut self, big: Option<Bytes>) -> Result<()> {
+        let (s, wbuf) = (&mut self.s, &mut self.wbuf);
+        let big = big.unwrap_or_default();
+        let (mut done, mut big_done) = (0, 0);
+        let write = poll_fn(|cx| {
+            loop {
+                let chunk = if done < wbuf.len() {
+                    &wbuf[done..]
+                } else if big_done < big.len() {
+                    &big[big_done..]
+                } else {
+                    break;
+                };
+                match Pin::new(&mut *s).poll_write(cx, chunk) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) if done < wbuf.len() => done += n,
+                    Poll::Ready(Ok(n)) => big_done += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return poll_gone(&mut *s, cx).map(Err),
+                }
+            }
+            match Pin::new(&mut *s).poll_flush(cx) {
+                Poll::Pending => poll_gone(&mut *s, cx).map(Err),
+                r => r,
+            }
+        });
+        with_timeout(self.timeout, Timeout::FrameWrite, write).await?;
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    /// Resolves when the client is gone (see [`poll_gone`]).
+    async fn gone(&mut self) -> Error {
+        from_io(poll_fn(|cx| poll_gone(&mut self.s, cx)).await)
+    }
+
+    /// Closes this side (FIN), then holds the stream until the client let go of it.
+    async fn finish(&mut self) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        with_timeout(self.timeout, Timeout::FrameWrite, self.s.shutdown()).await?;
+        // The client read the end (or dropped the source): either way its side
+        // closes, and what it says about it no longer matters.
+        drop(self.gone().await);
+        Ok(())
+    }
+}
+
+/// Ready when the client is gone: it never writes on a child stream, so a read that
+/// returns (end of stream, reset, a refusal status, a dead link) says so.
+fn poll_gone<S: AsyncRead + Unpin>(s: &mut S, cx: &mut Context<'_>) -> Poll<io::Error> {
+    let mut b = [0u8; 1];
+    let mut rb = ReadBuf::new(&mut b);
+    match Pin::new(s).poll_read(cx, &mut rb) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "the client closed the source",
+        )),
+        Poll::Ready(Ok(())) => Poll::Ready(io::Error::other(Error::Protocol(
+            "the client wrote on a child stream".into(),
+        ))),
+        Poll::Ready(Err(e)) => Poll::Ready(e),
+    }
+}

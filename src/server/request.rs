@@ -1,0 +1,308 @@
+//! One request, server side: read it, run the source function, announce its
+//! sources on the master (inline when small and complete), and drive the pumps of the
+//! others in the same task.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, BytesMut};
+use futures::stream::StreamExt;
+use futures::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::pump::Pump;
+use super::{panic_message, with_timeout, write_buf, Ctx, INLINE_BUDGET, WRITE_BATCH};
+use crate::error::{Error, Result, Timeout};
+use crate::frame::{FrameCodec, HEADER_LEN};
+use crate::mux::{from_io, Addr, Multiplexer};
+use crate::source::{Meta, Request, Source};
+use crate::wire::{RequestMsg, MSG_ACCEPT, MSG_ANNOUNCE, MSG_END, MSG_ERROR, MSG_INLINE};
+
+type PumpFuture = futures::future::BoxFuture<'static, Result<()>>;
+
+/// Serves one request: announces its sources on the master stream and, in the same
+/// task, pumps the frames of every source that is not inline to its child stream.
+///
+/// One task drives all the sources of a request (each source still independent: a
+/// stalled one waits alone). Frames of a request are then produced on one worker at a
+/// time, so producers that share buffers do not bounce their reference counts between
+/// cores, and thousands of sources cost no task each.
+pub(super) async fn serve_request<M: Multiplexer>(
+    ctx: &Arc<Ctx<M>>,
+    master: M::Stream,
+    from: Addr,
+) -> Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<PumpFuture>();
+    let announcing = announce_sources(ctx, master, from, tx);
+    let pumping = async {
+        let mut pumps = futures::stream::FuturesUnordered::new();
+        let mut more = true; // pumps may still come from the announcer
+        loop {
+            tokio::select! {
+                f = rx.recv(), if more => match f {
+                    Some(f) => pumps.push(f),
+                    None => more = false,
+                },
+                Some(r) = pumps.next(), if !pumps.is_empty() => {
+                    if let Err(e) = r {
+                        ctx.report_chan(&e);
+                    }
+                }
+                else => break,
+            }
+        }
+    };
+    let (r, ()) = tokio::join!(announcing, pumping);
+    r
+}
+
+/// Reads the request, runs the source function and announces its sources; the pumps
+/// of announced sources go to `pumps`.
+async fn announce_sources<M: Multiplexer>(
+    ctx: &Arc<Ctx<M>>,
+    mut master: M::Stream,
+    from: Addr,
+    pumps: tokio::sync::mpsc::UnboundedSender<PumpFuture>,
+) -> Result<()> {
+    let codec = ctx.codec();
+    let req = with_timeout(ctx.cfg.master_read_timeout, Timeout::MasterRead, async {
+        read_request(&mut master, &codec)
+            .await
+            .map_err(std::io::Error::other)
+    })
+    .await?;
+    let request = Request {
+        body: req.body.clone(),
+        meta: Meta {
+            remote_addr: Some(from),
+            tags: req.tags.clone(),
+        },
+    };
+    let mut wbuf = BytesMut::new();
+    put_msg(&mut wbuf, &[MSG_ACCEPT], &ctx.node.to_le_bytes());
+    let sources = std::panic::catch_unwind(AssertUnwindSafe(|| (ctx.source_fn)(request)));
+    let mut sources = match sources {
+        Ok(s) => AssertUnwindSafe(s).catch_unwind(),
+        Err(p) => {
+            let e = Error::SourceFunc(panic_message(&p));
+            fail_master(ctx, &mut master, &mut wbuf, &e).await;
+            return Err(e);
+        }
+    };
+    let serving_deadline = ctx.cfg.serving_timeout.map(|t| Instant::now() + t);
+    let mut next_id = 0u32;
+    // A read on the master returns only when the client is gone (it never writes or
+    // closes its half): that cancels the request.
+    let mut probe = [0u8; 1];
+    loop {
+        let item = match sources.next().now_or_never() {
+            Some(item) => item,
+            None => {
+                write_buf(
+                    &mut master,
+                    &mut wbuf,
+                    ctx.cfg.master_write_timeout,
+                    Timeout::MasterWrite,
+                )
+                .await?;
+                let sourcing = ctx.cfg.sourcing_timeout.map(|t| Instant::now() + t);
+                let deadline = match (serving_deadline, sourcing) {
+                    (Some(a), Some(b)) => Some((
+                        a.min(b),
+                        if a <= b {
+                            Timeout::Serving
+                        } else {
+                            Timeout::Sourcing
+                        },
+                    )),
+                    (Some(a), None) => Some((a, Timeout::Serving)),
+                    (None, Some(b)) => Some((b, Timeout::Sourcing)),
+                    (None, None) => None,
+                };
+                tokio::select! {
+                    item = sources.next() => item,
+                    _ = ctx.cancel.cancelled() => return Err(Error::Closed),
+                    r = master.read(&mut probe) => {
+                        return Err(r.map_or_else(from_io, |_| Error::Reset));
+                    }
+                    _ = sleep_until(deadline.map(|d| d.0)) => {
+                        let e = Error::Timeout(deadline.expect("armed").1);
+                        fail_master(ctx, &mut master, &mut wbuf, &e).await;
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let source = match item {
+            None => break,
+            Some(Ok(Ok(s))) => s,
+            Some(Ok(Err(msg))) => {
+                let e = Error::SourceFunc(msg);
+                fail_master(ctx, &mut master, &mut wbuf, &e).await;
+                return Err(e);
+            }
+            Some(Err(p)) => {
+                let e = Error::SourceFunc(panic_message(&p));
+                fail_master(ctx, &mut master, &mut wbuf, &e).await;
+                return Err(e);
+            }
+        };
+        let id = next_id;
+        next_id = next_id
+            .checked_add(1)
+            .ok_or_else(|| Error::Protocol("more than 2^32 sources".into()))?;
+        if let Some(pump) = announce(ctx, source, id, &req, &mut wbuf) {
+            // The receiver lives as long as this request's task.
+            drop(pumps.send(pump));
+        }
+        if wbuf.len() >= WRITE_BATCH {
+            write_buf(
+                &mut master,
+                &mut wbuf,
+                ctx.cfg.master_write_timeout,
+                Timeout::MasterWrite,
+            )
+            .await?;
+        }
+    }
+    put_msg(&mut wbuf, &[MSG_END], &[]);
+    write_buf(
+        &mut master,
+        &mut wbuf,
+        ctx.cfg.master_write_timeout,
+        Timeout::MasterWrite,
+    )
+    .await?;
+    // Everything was said; a client that is gone by now lost nothing.
+    if let Err(e) = with_timeout(
+        ctx.cfg.master_write_timeout,
+        Timeout::MasterWrite,
+        master.shutdown(),
+    )
+    .await
+    {
+        tracing::debug!("closing a master: {e}");
+    }
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Appends one master message (a codec frame of `kind ‖ body`).
+fn put_msg(wbuf: &mut BytesMut, kind: &[u8], body: &[u8]) {
+    wbuf.put_u32_le((kind.len() + body.len()) as u32);
+    wbuf.put_slice(kind);
+    wbuf.put_slice(body);
+}
+
+async fn fail_master<M: Multiplexer>(
+    ctx: &Ctx<M>,
+    master: &mut M::Stream,
+    wbuf: &mut BytesMut,
+    e: &Error,
+) {
+    let msg = e.to_string();
+    put_msg(wbuf, &[MSG_ERROR], msg.as_bytes());
+    if write_buf(
+        master,
+        wbuf,
+        ctx.cfg.master_write_timeout,
+        Timeout::MasterWrite,
+    )
+    .await
+    .is_ok()
+    {
+        // The error was said; if the close fails the client is gone anyway.
+        drop(master.shutdown().await);
+    }
+}
+
+/// Announces a source: inline when it is small and complete already, else on the
+/// master, returning the pump for its child stream.
+fn announce<M: Multiplexer>(
+    ctx: &Arc<Ctx<M>>,
+    mut source: Source,
+    id: u32,
+    req: &RequestMsg,
+    wbuf: &mut BytesMut,
+) -> Option<PumpFuture> {
+    let mut ready = VecDeque::new();
+    let mut size = source.header().len();
+    let mut ended = None;
+    let waker = futures::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    while size <= INLINE_BUDGET {
+        // A producer that panics here fails its own source only (it is not polled
+        // again: the pump goes straight to its ABORT).
+        let polled =
+            std::panic::catch_unwind(AssertUnwindSafe(|| source.poll_ready_frame(&mut cx)));
+        match polled {
+            Ok(Poll::Ready(Some(Ok(f)))) => {
+                size += HEADER_LEN + f.len();
+                ready.push_back(f);
+            }
+            Ok(Poll::Ready(Some(Err(e)))) => ended = Some(Err(e)),
+            Ok(Poll::Ready(None)) => ended = Some(Ok(())),
+            Ok(Poll::Pending) => break,
+            Err(p) => {
+                ended = Some(Err(Error::Remote(format!(
+                    "producer {}",
+                    panic_message(&p)
+                ))))
+            }
+        }
+        if ended.is_some() {
+            break;
+        }
+    }
+    if matches!(ended, Some(Ok(()))) && size <= INLINE_BUDGET && !ctx.cfg.compression {
+        let start = wbuf.len();
+        wbuf.put_u32_le(0);
+        wbuf.put_u8(MSG_INLINE);
+        wbuf.put_u32_le(id);
+        wbuf.put_u32_le(source.header().len() as u32);
+        wbuf.put_slice(source.header());
+        for f in &ready {
+            wbuf.put_u32_le(f.len() as u32);
+            wbuf.put_slice(f);
+        }
+        let len = (wbuf.len() - start - HEADER_LEN) as u32;
+        wbuf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        return None;
+    }
+    let mut body = BytesMut::with_capacity(4 + source.header().len());
+    body.put_u32_le(id);
+    body.put_slice(source.header());
+    put_msg(wbuf, &[MSG_ANNOUNCE], &body);
+    let pump = Pump {
+        ctx: ctx.clone(),
+        source,
+        ready,
+        ended,
+        reply: req.reply.clone(),
+        req_id: req.id,
+        id,
+    };
+    Some(Box::pin(pump.run()))
+}
+
+async fn read_request<R: AsyncRead + Unpin>(r: &mut R, codec: &FrameCodec) -> Result<RequestMsg> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if let Some(f) = codec.decode(&mut buf)? {
+            return RequestMsg::decode(f);
+        }
+        if r.read_buf(&mut buf).await.map_err(from_io)? == 0 {
+            codec.check_eof(&buf)?;
+            return Err(Error::Reset);
+        }
+    }
+}
