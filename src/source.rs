@@ -386,10 +386,8 @@ impl RemoteFrames {
         };
         match ready!(poll_read_append(stream, cx, &mut self.buf, want)) {
             Err(e) => Poll::Ready(Err(from_io(e))),
-            Ok(0) => Poll::Ready(Err(match self.codec.check_eof(&self.buf) {
-                Err(e @ Error::Truncated { .. }) => e,
-                _ => Error::Reset,
-            })),
+            // The stream ended without its END (mid-frame or not): it was cut.
+            Ok(0) => Poll::Ready(Err(Error::Reset)),
             Ok(_) => Poll::Ready(Ok(())),
         }
     }
