@@ -537,7 +537,9 @@ async fn accept_children<L: Listener>(
                         continue; // dropped: the request is gone, reset the stream
                     }
                     match r.slots.remove(&key) {
-                        Some(Slot::Waiting(tx)) => { let _ = tx.send(s); }
+                        // A Source dropped while waiting: its stream is dropped
+                        // (reset) with the unsent value, which is what we want.
+                        Some(Slot::Waiting(tx)) => drop(tx.send(s)),
                         Some(Slot::Arrived(_)) => {
                             drop(r);
                             report(&Error::Protocol(format!("source {} of request {} opened twice", key.1, key.0)));

@@ -74,6 +74,7 @@ impl SendBudget {
     /// The socket took `n` bytes (yamux headers included, so clamp at what was handed).
     pub(super) fn written(&self, n: usize) {
         let handed = self.handed.load(Ordering::Acquire);
+        // The closure always returns Some: the update cannot fail.
         let _ = self
             .written
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {

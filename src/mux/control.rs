@@ -106,8 +106,6 @@ impl Inner {
             self.cfg.keepalive_interval,
             self.cfg.keepalive_timeout,
         );
-        let mut idle_check =
-            tokio::time::interval(Duration::from_millis(100).min(self.cfg.keepalive_interval));
         let encode = |m: &[u8], wbuf: &mut BytesMut| {
             if let Err(e) = codec.encode(m, wbuf) {
                 tracing::error!(peer = %hex(link.peer), "control message not sent: {e}");
@@ -124,8 +122,8 @@ impl Inner {
                     Some(KeepAliveAction::Ping) => encode(&[CTL_PING], &mut wbuf),
                     None => continue,
                 },
-                _ = idle_check.tick(), if link.is_draining() => {
-                    if self.retirable(link) {
+                _ = link.idle.notified() => {
+                    if link.is_draining() && self.retirable(link) {
                         return true;
                     }
                     continue;
@@ -178,16 +176,22 @@ impl Inner {
     }
 
     /// A draining link retires once nothing uses it and a newer link to its peer is
-    /// up (so its peer's names stay known).
+    /// up (so its peer's names stay known). It leaves the routing table here, under the
+    /// same lock routes take their count under, so no dial picks it any more.
     fn retirable(&self, link: &Link) -> bool {
         use std::sync::atomic::Ordering;
-        if link.active.load(Ordering::Relaxed) != 0 {
+        let mut st = self.state.lock().unwrap();
+        if link.active.load(Ordering::Acquire) != 0 {
             return false;
         }
-        let st = self.state.lock().unwrap();
-        st.links
-            .get(&link.peer)
-            .is_some_and(|ls| ls.iter().any(|l| l.id > link.id && !l.is_draining()))
+        let Some(links) = st.links.get_mut(&link.peer) else {
+            return false;
+        };
+        if !links.iter().any(|l| l.id > link.id && !l.is_draining()) {
+            return false;
+        }
+        links.retain(|l| l.id != link.id);
+        true
     }
 
     /// Handles one control message; returns the reply to send, if any.

@@ -47,6 +47,9 @@ pub(crate) struct Link {
     /// Streams on this link that are still held (dialed or accepted here).
     pub(super) active: AtomicUsize,
     draining: AtomicBool,
+    /// Woken when a draining link may retire: its last stream went, or a newer link
+    /// to its peer came up.
+    pub(super) idle: tokio::sync::Notify,
     ctl_tx: mpsc::UnboundedSender<Bytes>,
     /// Cancelled to close the link (it is a child of its owner's token).
     pub(super) cancel: CancellationToken,
@@ -75,6 +78,7 @@ impl Link {
         if self.draining.swap(true, Ordering::Relaxed) {
             return;
         }
+        self.idle.notify_one();
         tracing::debug!(peer = %hex(self.peer), "rotating link");
         match &self.owner {
             Some(owner) => owner.rotate.notify_one(),
@@ -93,6 +97,29 @@ impl Link {
     pub(super) fn count_open(&self, rotate_after: u64) {
         if self.opened.fetch_add(1, Ordering::Relaxed) + 1 >= rotate_after {
             self.rotate();
+        }
+    }
+}
+
+/// One stream's count in its link's `active`. Taken while routing, under the node's
+/// lock, so a draining link never retires between a dial's route and its stream.
+pub(crate) struct Active(Arc<Link>);
+
+impl Active {
+    pub(super) fn new(link: Arc<Link>) -> Self {
+        link.active.fetch_add(1, Ordering::AcqRel);
+        Active(link)
+    }
+
+    pub(super) fn link(&self) -> &Arc<Link> {
+        &self.0
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.is_draining() {
+            self.0.idle.notify_one();
         }
     }
 }
@@ -158,6 +185,7 @@ impl Inner {
             opened: AtomicU64::new(0),
             active: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            idle: tokio::sync::Notify::new(),
             ctl_tx,
             cancel,
             life: Arc::new(Lifeline::default()),
@@ -190,6 +218,9 @@ impl Inner {
         }
         self.links_up.fetch_add(1, Ordering::Relaxed);
         let links = st.links.entry(link.peer).or_default();
+        for older in links.iter().filter(|l| l.is_draining()) {
+            older.idle.notify_one();
+        }
         links.push(link.clone());
         let first = links.len() == 1;
         link.send_control(st.names_message());
@@ -335,7 +366,7 @@ impl Inner {
     fn accepted(&self, mut s: MuxStream, link: &Arc<Link>) -> (MuxStream, Addr) {
         s.header = Some(BytesMut::from(&[STATUS_ACCEPTED][..]));
         (
-            s.on_link(link.clone(), None),
+            s.on_link(Active::new(link.clone()), None),
             Addr::new(link.peer, String::new()),
         )
     }
@@ -389,10 +420,11 @@ impl Inner {
     /// write), holding `permit`.
     pub(super) async fn open_dial(
         &self,
-        link: Arc<Link>,
+        active: Active,
         target: &str,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<MuxStream> {
+        let link = active.link();
         let s = link.open().await?;
         link.count_open(self.cfg.rotate_after);
         let mut header = BytesMut::with_capacity(2 + target.len());
@@ -400,7 +432,7 @@ impl Inner {
         header.put_u8(target.len() as u8);
         header.put_slice(target.as_bytes());
         let s = MuxStream::new(Io::yamux(s), link.life.watch(), Some(header));
-        Ok(s.on_link(link, Some(permit)))
+        Ok(s.on_link(active, Some(permit)))
     }
 }
 

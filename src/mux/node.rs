@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::join::{Joined, Rejoin};
 use super::lifeline::Lifeline;
+use super::link::Active;
 use super::registry::{random_u64, Binding, Route, State};
 use super::stream::{Io, MuxStream};
 use super::{Addr, DialOptions, LinkEvent, Listener, Multiplexer, NodeConfig, NodeId, VAddr};
@@ -304,36 +305,62 @@ impl Inner {
         opts: DialOptions,
     ) -> Result<MuxStream> {
         let deadline = Instant::now() + opts.timeout;
-        match self.route(&v, opts.bucket.as_deref())? {
-            Route::Local(tx, key) => {
-                let (a, b) = tokio::io::duplex(256 * 1024);
-                let here = Addr::new(self.id, key);
-                let far = MuxStream::new(Io::Local(b), self.life.watch(), None);
-                let send = async {
-                    tx.send((far, here))
-                        .await
-                        .map_err(|_| Error::NoSuchAddress(vaddr.clone()))
-                };
-                until(deadline, send).await?;
-                Ok(MuxStream::new(Io::Local(a), self.life.watch(), None))
-            }
-            Route::Remote(link, target) => {
-                let acquire = async {
-                    link.permits
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .map_err(|_| Error::LinkClosed)
-                };
-                let (permit, deadline) = if opts.wait_for_slot {
-                    // The timeout counts from when a slot was free.
-                    (acquire.await?, Instant::now() + opts.timeout)
-                } else {
-                    (until(deadline, acquire).await?, deadline)
-                };
-                until(deadline, self.open_dial(link, &target, permit)).await
+        // A draining link may retire between the route and the open: route again once.
+        let mut retry = true;
+        loop {
+            let (link, target) = match self.route(&v, opts.bucket.as_deref())? {
+                Route::Local(tx, key) => return self.dial_local(tx, key, &vaddr, deadline).await,
+                Route::Remote(link, target) => (link, target),
+            };
+            let draining = link.link().is_draining();
+            match self.dial_link(link, &target, &opts, deadline).await {
+                Err(Error::LinkClosed) if draining && retry => retry = false,
+                r => return r,
             }
         }
+    }
+
+    async fn dial_local(
+        &self,
+        tx: mpsc::Sender<(MuxStream, Addr)>,
+        key: String,
+        vaddr: &str,
+        deadline: Instant,
+    ) -> Result<MuxStream> {
+        let (a, b) = tokio::io::duplex(256 * 1024);
+        let here = Addr::new(self.id, key);
+        let far = MuxStream::new(Io::Local(b), self.life.watch(), None);
+        let send = async {
+            tx.send((far, here))
+                .await
+                .map_err(|_| Error::NoSuchAddress(vaddr.to_owned()))
+        };
+        until(deadline, send).await?;
+        Ok(MuxStream::new(Io::Local(a), self.life.watch(), None))
+    }
+
+    async fn dial_link(
+        &self,
+        link: Active,
+        target: &str,
+        opts: &DialOptions,
+        deadline: Instant,
+    ) -> Result<MuxStream> {
+        let acquire = async {
+            link.link()
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::LinkClosed)
+        };
+        let (permit, deadline) = if opts.wait_for_slot {
+            // The timeout counts from when a slot was free.
+            (acquire.await?, Instant::now() + opts.timeout)
+        } else {
+            (until(deadline, acquire).await?, deadline)
+        };
+        until(deadline, self.open_dial(link, target, permit)).await
     }
 }
 
@@ -466,5 +493,48 @@ impl Drop for NodeListener {
                 st.announce_names();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fails its first `fails` accepts (as EMFILE would), telling when each came.
+    struct Failing {
+        fails: u32,
+        calls: mpsc::UnboundedSender<Instant>,
+    }
+
+    impl LinkListener for Failing {
+        type Io = tokio::io::DuplexStream;
+        async fn accept_io(&mut self) -> std::io::Result<Self::Io> {
+            // The test reads every call; it is gone only once it has failed.
+            let _ = self.calls.send(Instant::now());
+            if self.fails == 0 {
+                return std::future::pending().await;
+            }
+            self.fails -= 1;
+            Err(std::io::Error::other("too many open files"))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_accept_loop_backs_off_exponentially_on_errors() {
+        let node = Node::new();
+        let (tx, mut calls) = mpsc::unbounded_channel();
+        let task = tokio::spawn(node.inner.clone().accept_links(Failing {
+            fails: 9,
+            calls: tx,
+        }));
+        let mut at = Vec::new();
+        while at.len() < 10 {
+            at.push(calls.recv().await.expect("the loop runs"));
+        }
+        let gaps: Vec<u128> = at.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+        // 5 ms doubling, capped at 1 s: no spinning, no fixed pause.
+        assert_eq!(gaps, [5, 10, 20, 40, 80, 160, 320, 640, 1000]);
+        node.shutdown().await;
+        task.await.unwrap();
     }
 }

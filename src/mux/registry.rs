@@ -9,7 +9,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use super::join::{JoinEntry, Rejoin};
-use super::link::Link;
+use super::link::{Active, Link};
 use super::stream::MuxStream;
 use super::{Addr, NodeId, VAddr, CTL_NAMES};
 use crate::error::{Error, Result};
@@ -42,8 +42,8 @@ pub(super) struct Binding {
 pub(super) enum Route {
     /// A listener of this node, under this key.
     Local(mpsc::Sender<(MuxStream, Addr)>, String),
-    /// A link, asking the peer for this address.
-    Remote(Arc<Link>, String),
+    /// A link (counted active for the dial), asking the peer for this address.
+    Remote(Active, String),
 }
 
 impl State {
@@ -127,7 +127,7 @@ impl State {
             }
             VAddr::Node(id, p) => self
                 .newest_link(*id)
-                .map(|l| Route::Remote(l, format!(":{p}")))
+                .map(|l| Route::Remote(Active::new(l), format!(":{p}")))
                 .ok_or_else(|| none(format!("{id:016x}:{p} (no link to that node)"))),
             VAddr::Name(name) => {
                 let mut candidates = self.peers_binding(name);
@@ -150,7 +150,7 @@ impl State {
                     None => Err(none(name.clone())),
                     Some(n) if n == here => Ok(local(name).expect("checked")),
                     Some(n) => Ok(Route::Remote(
-                        self.newest_link(n).expect("candidate has a link"),
+                        Active::new(self.newest_link(n).expect("candidate has a link")),
                         name.clone(),
                     )),
                 }

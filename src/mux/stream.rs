@@ -7,8 +7,6 @@
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BytesMut};
@@ -17,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::lifeline::{Half, Watch};
-use super::link::Link;
+use super::link::Active;
 use super::{OPEN_CONTROL, OPEN_DIAL, STATUS_ACCEPTED, STATUS_NO_SUCH_ADDRESS, STATUS_REFUSED};
 use crate::error::{Error, Result};
 
@@ -48,8 +46,8 @@ pub struct MuxStream {
     /// The acceptor's status byte has not been read yet (dialer side).
     status_pending: bool,
     _permit: Option<OwnedSemaphorePermit>,
-    /// The link that carries the stream, when it counts in its `active` streams.
-    pub(super) link: Option<Arc<Link>>,
+    /// The link that carries the stream, counting it in its `active` streams.
+    pub(super) link: Option<Active>,
     /// The send-budget round this stream is registered for, with the waker it gave.
     budget_wait: Option<(u64, std::task::Waker)>,
     watch: Watch,
@@ -80,8 +78,7 @@ impl MuxStream {
     }
 
     /// Counts the stream on `link` (for retirement) and holds its slot until dropped.
-    pub(super) fn on_link(mut self, link: Arc<Link>, permit: Option<OwnedSemaphorePermit>) -> Self {
-        link.active.fetch_add(1, Ordering::Relaxed);
+    pub(super) fn on_link(mut self, link: Active, permit: Option<OwnedSemaphorePermit>) -> Self {
         self.link = Some(link);
         self._permit = permit;
         self
@@ -149,7 +146,7 @@ impl MuxStream {
 
     fn poll_io_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match &mut self.io {
-            Io::Yamux(s) => match &self.link {
+            Io::Yamux(s) => match self.link.as_ref().map(Active::link) {
                 Some(l) => {
                     ready!(l.budget.poll_room(cx, &mut self.budget_wait));
                     let n = ready!(Pin::new(s).poll_write(cx, buf))?;
@@ -224,14 +221,6 @@ impl MuxStream {
             (Io::Yamux(s), true) => Pin::new(s).poll_shutdown(cx),
             (Io::Local(s), false) => Pin::new(s).poll_flush(cx),
             (Io::Local(s), true) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
-impl Drop for MuxStream {
-    fn drop(&mut self) {
-        if let Some(l) = &self.link {
-            l.active.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
