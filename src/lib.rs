@@ -47,11 +47,16 @@
 //!
 //! ## Layout
 //! - [`frame`] — the frame codec: length prefix, LZ4 flag, limits. No I/O.
-//! - `mux` — the [`Multiplexer`] trait and [`Node`], the yamux-based mesh: links over
-//!   TCP, Unix sockets or any byte stream, virtual addresses, service discovery,
-//!   keep-alive, stream limits.
-//! - `server` — [`Server`]: calls your source function per request, announces the
-//!   sources, pumps their frames with batching and backpressure.
+//! - `mux/` — the [`Multiplexer`] trait and [`Node`], the yamux-based mesh. Its rooms:
+//!   `node` (the facade, one accept loop for TCP and Unix), `config` ([`NodeConfig`]),
+//!   `registry` (binds, peer names, routing, rendezvous buckets), `link` (handshake,
+//!   the yamux driver, a link from up to closed), `control` (keep-alive as a state
+//!   machine, names, rotation), `join` ([`Joined`]: one reconnect loop per address),
+//!   `stream` ([`MuxStream`]), `budget` (the per-link send budget), `lifeline` (how a
+//!   dead link fails every stream on it).
+//! - `server/` — [`Server`]: `config`, `request` (reads a request, runs your source
+//!   function, announces the sources), `pump` (one source's child stream, batched,
+//!   watched for the client leaving).
 //! - `client` — [`Client`]: [`Client::lookup_and_post`] returns [`Sources`].
 //! - `source` — [`Source`], [`Meta`], [`Request`], [`RequestTag`]: shared by both sides.
 //! - `wire` — the chanserv messages on master and child streams.
@@ -67,6 +72,26 @@
 //! - **Cancellation.** Dropping a [`Source`] or [`Sources`] resets its stream(s); the
 //!   server drops the producer.
 //! - **Bad input** is an [`Error`], never a panic or an allocation a peer can inflate.
+//!
+//! ## Under faults
+//! - **A dead link ends every stream on it**, however it died (socket error,
+//!   keep-alive timeout on a silent or frozen peer, shutdown, retirement, a driver
+//!   panic): a read or write waiting on it fails within the keep-alive timeout plus
+//!   [`NodeConfig::close_timeout`]. [`Source`] and [`Sources`] yield `Some(Err(e))`
+//!   with `e.is_closed()` ([`Error::LinkClosed`] when this side declared the link
+//!   dead, [`Error::Reset`] when the peer cut it), and the server drops the producers
+//!   that were writing to it.
+//! - **Every drop reaches its producers.** Dropping a [`Client`], [`Sources`] or
+//!   [`Source`], in any order, drops every server producer it started, busy or idle.
+//!   A `Client` handle alone does not cancel requests whose `Sources` are alive.
+//! - **One source's failure never touches its siblings.** A producer that panics ends
+//!   its own source with [`Error::Remote`] (`producer panicked: …`), never with `None`.
+//! - **The link never dies of a limit of yamux**: a request's sources hold at most the
+//!   link's stream slots ([`NodeConfig::max_streams`]) until the consumer is done with
+//!   them; later ones wait for a slot.
+//! - **One reconnect loop per joined address**, owned by the [`Joined`] handle.
+//! - **One client cannot pause a service**: only the service's own faults count
+//!   toward [`ServerConfig::max_error_mass`].
 //!
 //! The wire protocol is specified in `PROTOCOL.md` in the repository.
 #![forbid(unsafe_code)]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-/// [`Node`] settings. `Default`:
+/// [`Node`](super::Node) settings. `Default`:
 ///
 /// | setting | default |
 /// |---|---|

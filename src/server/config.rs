@@ -15,7 +15,7 @@ use crate::frame::{FrameCodec, FRAME_SIZE_LIMIT};
 pub type MaxErrorMassFn =
     Arc<dyn Fn(usize) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
-/// [`Server`] settings, Go's `ServerOption`s with the same defaults:
+/// [`Server`](super::Server) settings, Go's `ServerOption`s with the same defaults:
 ///
 /// | setting | default |
 /// |---|---|
