@@ -93,8 +93,11 @@ impl ServerConfig {
         self.on_chan_error = Some(Arc::new(f));
         self
     }
-    /// Consecutive errors after which `on_max_error_mass` runs before the server
-    /// accepts again.
+    /// Consecutive errors of the service's own (its source function failed or
+    /// panicked, a serving or sourcing timeout) after which `on_max_error_mass` runs
+    /// before the server accepts again. A request that succeeds resets the count;
+    /// client cancellations and malformed requests are reported but neither count nor
+    /// reset it, so one client cannot pause the service for the others.
     ///
     /// # Panics
     /// If `n` is 0.

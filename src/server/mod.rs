@@ -267,6 +267,42 @@ fn is_own_fault(e: &Error) -> bool {
     )
 }
 
+/// Owns a user's producer (a source's frames, a source function's stream) and drops
+/// it under `catch_unwind`: a producer that panics when dropped must not take the
+/// request's task, and with it the sibling sources, down.
+struct Caught<T>(Option<T>);
+
+impl<T> Caught<T> {
+    fn new(t: T) -> Self {
+        Caught(Some(t))
+    }
+}
+
+impl<T> std::ops::Deref for Caught<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.0.as_ref().expect("taken only in drop")
+    }
+}
+
+impl<T> std::ops::DerefMut for Caught<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.0.as_mut().expect("taken only in drop")
+    }
+}
+
+impl<T> Drop for Caught<T> {
+    fn drop(&mut self) {
+        let t = self.0.take();
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(t))) {
+            tracing::warn!(
+                "chanserv server: a producer {} when dropped",
+                panic_message(&p)
+            );
+        }
+    }
+}
+
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
     let msg = p
         .downcast_ref::<&str>()

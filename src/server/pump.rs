@@ -21,7 +21,7 @@ use futures::future::poll_fn;
 use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{panic_message, with_timeout, Ctx, WRITE_BATCH};
+use super::{panic_message, with_timeout, Caught, Ctx, WRITE_BATCH};
 use crate::error::{Error, Result, Timeout};
 use crate::frame::FrameCodec;
 use crate::mux::{from_io, DialOptions, Multiplexer};
@@ -30,7 +30,7 @@ use crate::source::Source;
 /// A source announced on the master, whose frames go on a child stream.
 pub(super) struct Pump<M> {
     pub(super) ctx: Arc<Ctx<M>>,
-    pub(super) source: Source,
+    pub(super) source: Caught<Source>,
     /// Frames taken from the source while it was announced, not written yet.
     pub(super) ready: VecDeque<Bytes>,
     /// How the source ended while it was announced, if it did.

@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::pump::Pump;
-use super::{panic_message, with_timeout, write_buf, Ctx, INLINE_BUDGET, WRITE_BATCH};
+use super::{panic_message, with_timeout, write_buf, Caught, Ctx, INLINE_BUDGET, WRITE_BATCH};
 use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, HEADER_LEN};
 use crate::mux::{from_io, Addr, Multiplexer};
@@ -85,7 +85,7 @@ async fn announce_sources<M: Multiplexer>(
     put_msg(&mut wbuf, &[MSG_ACCEPT], &ctx.node.to_le_bytes());
     let sources = std::panic::catch_unwind(AssertUnwindSafe(|| (ctx.source_fn)(request)));
     let mut sources = match sources {
-        Ok(s) => AssertUnwindSafe(s).catch_unwind(),
+        Ok(s) => Caught::new(AssertUnwindSafe(s).catch_unwind()),
         Err(p) => {
             let e = Error::SourceFunc(panic_message(&p));
             fail_master(ctx, &mut master, &mut wbuf, &e).await;
@@ -229,11 +229,12 @@ async fn fail_master<M: Multiplexer>(
 /// master, returning the pump for its child stream.
 fn announce<M: Multiplexer>(
     ctx: &Arc<Ctx<M>>,
-    mut source: Source,
+    source: Source,
     id: u32,
     req: &RequestMsg,
     wbuf: &mut BytesMut,
 ) -> Option<PumpFuture> {
+    let mut source = Caught::new(source);
     let mut ready = VecDeque::new();
     let mut size = source.header().len();
     let mut ended = None;
