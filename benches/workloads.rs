@@ -35,8 +35,7 @@ fn setup(sources: u32, frames: u32, size: usize, lz4: bool, random: bool) -> Set
     let (client, nodes, handle) = rt.block_on(async move {
         let (a, b) = (Node::new(), Node::new());
         let addr = a.listen("127.0.0.1:0").await.unwrap();
-        let mut cfg = ServerConfig::default();
-        cfg.use_compression(lz4);
+        let cfg = ServerConfig::default().use_compression(lz4);
         let handle = Server::with_config(a.clone(), cfg)
             .listen_and_serve("w", move |_| {
                 let p = payload.clone();
@@ -50,7 +49,7 @@ fn setup(sources: u32, frames: u32, size: usize, lz4: bool, random: bool) -> Set
             })
             .unwrap();
         b.join(addr).await.unwrap().detach();
-        assert!(b.wait_for_name("w", Duration::from_secs(10)).await);
+        b.wait_for_name("w", Duration::from_secs(10)).await.unwrap();
         (Client::new(b.clone()).unwrap(), (a, b), handle)
     });
     Setup {

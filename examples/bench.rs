@@ -208,8 +208,7 @@ fn run(a: &Args) -> Result<String, String> {
             .listen("127.0.0.1:0")
             .await
             .map_err(|e| e.to_string())?;
-        let mut cfg = ServerConfig::default();
-        cfg.use_compression(lz4);
+        let cfg = ServerConfig::default().use_compression(lz4);
         let p = payload.clone();
         let handle = Server::with_config(node.clone(), cfg)
             .listen_and_serve(&a.workload, move |_req| {
@@ -229,14 +228,10 @@ fn run(a: &Args) -> Result<String, String> {
     let client = cli.block_on(async {
         let node = Node::new();
         node.join(addr).await.map_err(|e| e.to_string())?.detach();
-        if !node
-            .wait_for_name(&a.workload, Duration::from_secs(10))
+        node.wait_for_name(&a.workload, Duration::from_secs(10))
             .await
-        {
-            return Err("service never announced".to_string());
-        }
-        let mut cfg = ClientConfig::default();
-        cfg.frame_size_limit(chanserv::frame::FRAME_SIZE_LIMIT);
+            .map_err(|e| format!("service never announced: {e}"))?;
+        let cfg = ClientConfig::default().frame_size_limit(chanserv::frame::FRAME_SIZE_LIMIT);
         Client::with_config(node, cfg).map_err(|e| e.to_string())
     })?;
     let body: &'static [u8] = if a.workload == "connect" {
@@ -384,9 +379,9 @@ fn run_mux(a: &Args) -> Result<String, String> {
         });
         Ok::<_, String>((node, rx))
     })?;
-    if !srv_rt.block_on(server.wait_for_name("sink", Duration::from_secs(10))) {
-        return Err("sink never announced".into());
-    }
+    srv_rt
+        .block_on(server.wait_for_name("sink", Duration::from_secs(10)))
+        .map_err(|e| format!("sink never announced: {e}"))?;
     let round = |srv: &tokio::runtime::Runtime| {
         for id in 0..shape.sources {
             let (node, p) = (server.clone(), payload.clone());

@@ -117,7 +117,7 @@ async fn run(o: Opts) -> Result<bool, Error> {
     for i in 0..o.shards {
         gateway
             .wait_for_name(&format!("shard-{i}"), Duration::from_secs(10))
-            .await;
+            .await?;
     }
 
     // The gateway: fan the query out, forward every shard's sources as they come.
@@ -153,7 +153,7 @@ async fn run(o: Opts) -> Result<bool, Error> {
     client_node.join(gw_addr).await?.detach();
     client_node
         .wait_for_name("search", Duration::from_secs(10))
-        .await;
+        .await?;
     let client = Client::new(client_node.clone())?;
 
     let frames_seen = Arc::new(AtomicU64::new(0));

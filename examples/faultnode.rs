@@ -141,7 +141,7 @@ fn now_ms() -> u128 {
 fn node(o: &Opts) -> Node {
     let mut cfg = NodeConfig::default();
     if let Some((interval, timeout)) = o.keepalive {
-        cfg.keepalive(interval, timeout);
+        cfg = cfg.keepalive(interval, timeout);
     }
     Node::with_config(cfg)
 }
@@ -167,13 +167,11 @@ fn log_links(node: &Node) {
     tokio::spawn(async move {
         loop {
             match events.recv().await {
-                Ok(LinkEvent::Up(p)) => println!("link up {p:016x} t={}", now_ms()),
-                Ok(LinkEvent::Down(p)) => println!("link down {p:016x} t={}", now_ms()),
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    println!("link events_lagged {n} t={}", now_ms())
-                }
-                Err(_) => return,
+                Some(LinkEvent::Up(p)) => println!("link up {p:016x} t={}", now_ms()),
+                Some(LinkEvent::Down(p)) => println!("link down {p:016x} t={}", now_ms()),
+                Some(LinkEvent::Missed(n)) => println!("link events_lagged {n} t={}", now_ms()),
+                Some(_) => {}
+                None => return,
             }
         }
     });
@@ -258,13 +256,13 @@ async fn serve(o: Opts) -> Result<bool, Error> {
     let node = node(&o);
     log_links(&node);
     let addr = node.listen(o.listen.expect("checked")).await?;
-    let mut cfg = ServerConfig::default();
-    cfg.on_error(|e| println!("error {} t={}", e.to_string().replace(' ', "_"), now_ms()));
-    // Same as the default (pause 30 s), but visible.
-    cfg.on_max_error_mass(|n| async move {
-        println!("error_mass {n} pausing_30s t={}", now_ms());
-        tokio::time::sleep(Duration::from_secs(30)).await;
-    });
+    let cfg = ServerConfig::default()
+        .on_error(|e| println!("error {} t={}", e.to_string().replace(' ', "_"), now_ms()))
+        // Same as the default (pause 30 s), but visible.
+        .on_max_error_mass(|n| async move {
+            println!("error_mass {n} pausing_30s t={}", now_ms());
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
     let dropped = Arc::new(AtomicU64::new(0));
     let (sources, frames, size, interval) = (o.sources, o.frames, o.size, o.interval);
     let _service =
@@ -310,7 +308,7 @@ fn kind(e: &Error) -> String {
         Error::Reset => "reset".into(),
         Error::LinkClosed => "link_closed".into(),
         Error::Closed => "closed".into(),
-        Error::Remote(_) => "remote".into(),
+        Error::SourceFailed(_) | Error::RequestFailed(_) => "remote".into(),
         Error::Io(io) => format!("io:{:?}", io.kind()),
         Error::NoSuchAddress(_) => "no_such_address".into(),
         Error::Refused(_) => "refused".into(),
@@ -357,9 +355,10 @@ async fn post(o: Opts) -> Result<bool, Error> {
         }
     }
     let want = o.join.len();
-    if !node
+    if node
         .wait_for_providers(&o.name, want, Duration::from_secs(10))
         .await
+        .is_err()
     {
         println!(
             "providers {} of {want} t={}",

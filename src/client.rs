@@ -89,7 +89,8 @@ impl Default for ClientConfig {
 impl ClientConfig {
     /// Called for errors that reach no `Source`: a child stream that could not be
     /// routed, a malformed one.
-    pub fn on_error(&mut self, f: impl Fn(&Error) + Send + Sync + 'static) -> &mut Self {
+    #[must_use]
+    pub fn on_error(mut self, f: impl Fn(&Error) + Send + Sync + 'static) -> Self {
         self.on_error = Some(Arc::new(f));
         self
     }
@@ -97,7 +98,8 @@ impl ClientConfig {
     ///
     /// # Panics
     /// If `n` is 0.
-    pub fn source_buffer_size(&mut self, n: usize) -> &mut Self {
+    #[must_use]
+    pub fn source_buffer_size(mut self, n: usize) -> Self {
         assert!(n > 0, "source_buffer_size must be positive");
         self.source_buffer_size = n;
         self
@@ -107,28 +109,33 @@ impl ClientConfig {
     ///
     /// # Panics
     /// If `n` is 0.
-    pub fn frame_buffer_size(&mut self, n: usize) -> &mut Self {
+    #[must_use]
+    pub fn frame_buffer_size(mut self, n: usize) -> Self {
         assert!(n > 0, "frame_buffer_size must be positive");
         self.frame_buffer_size = n;
         self
     }
     /// How long to wait for a stream to the service.
-    pub fn dial_timeout(&mut self, t: Duration) -> &mut Self {
+    #[must_use]
+    pub fn dial_timeout(mut self, t: Duration) -> Self {
         self.dial_timeout = t;
         self
     }
     /// Longest wait for the next message on the master stream (announcement or end).
-    pub fn master_read_timeout(&mut self, t: Option<Duration>) -> &mut Self {
+    #[must_use]
+    pub fn master_read_timeout(mut self, t: Option<Duration>) -> Self {
         self.master_read_timeout = t;
         self
     }
     /// Longest wait to write the request.
-    pub fn master_write_timeout(&mut self, t: Option<Duration>) -> &mut Self {
+    #[must_use]
+    pub fn master_write_timeout(mut self, t: Option<Duration>) -> Self {
         self.master_write_timeout = t;
         self
     }
     /// Longest wait for the next frame of a source.
-    pub fn frame_read_timeout(&mut self, t: Option<Duration>) -> &mut Self {
+    #[must_use]
+    pub fn frame_read_timeout(mut self, t: Option<Duration>) -> Self {
         self.frame_read_timeout = t;
         self
     }
@@ -136,12 +143,14 @@ impl ClientConfig {
     /// within its own chan accept timeout (30 s by default); if it never comes (the
     /// server could not reach this client), the source fails with
     /// [`Timeout::ChanAccept`] instead of waiting forever.
-    pub fn chan_accept_timeout(&mut self, t: Duration) -> &mut Self {
+    #[must_use]
+    pub fn chan_accept_timeout(mut self, t: Duration) -> Self {
         self.chan_accept_timeout = t;
         self
     }
     /// Largest frame accepted (see [`FrameCodec::with_limit`]).
-    pub fn frame_size_limit(&mut self, n: usize) -> &mut Self {
+    #[must_use]
+    pub fn frame_size_limit(mut self, n: usize) -> Self {
         self.frame_size_limit = FrameCodec::new().with_limit(n).limit();
         self
     }
@@ -152,7 +161,7 @@ impl ClientConfig {
 /// Cheap to clone. It binds one address on its multiplexer for the child streams of
 /// all its requests; dropping the last clone unbinds it, and sources still waiting for
 /// their stream then fail with [`Error::Reset`].
-pub struct Client<M: Multiplexer> {
+pub struct Client<M: Multiplexer = crate::Node> {
     inner: Arc<ClientInner<M>>,
 }
 
@@ -332,6 +341,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> MasterIo for T {}
 /// Once the server's end arrived, the master stream's close is held (up to 16 per
 /// client) and sent with the client's next request or when the client is dropped, so
 /// a sequence of requests costs one packet each way per request.
+#[must_use = "dropping the sources cancels the request"]
 pub struct Sources {
     master: Option<Box<dyn MasterIo>>,
     finished: Arc<Mutex<Vec<Box<dyn MasterIo>>>>,
@@ -410,7 +420,7 @@ impl Sources {
                     .push_back(Source::inline(header, self.meta(), frames.into()));
             }
             MasterMsg::End => self.end = Some(None),
-            MasterMsg::Error(m) => self.end = Some(Some(Error::Remote(m))),
+            MasterMsg::Error(m) => self.end = Some(Some(Error::RequestFailed(m))),
         }
         Ok(())
     }

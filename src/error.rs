@@ -112,14 +112,25 @@ pub enum Error {
     /// The node, server or listener was shut down.
     #[error("closed")]
     Closed,
-    /// The serving side reported a failure (its message is kept).
-    #[error("remote error: {0}")]
-    Remote(String),
-    /// The local source function failed or panicked.
+    /// The source's producer failed it: its stream yielded an error, it panicked, it
+    /// made a frame over the limit, or [`SourceSender::abort`](crate::SourceSender::abort)
+    /// was called. The producer's message is kept (for a remote source it crossed the
+    /// wire). The request and the other sources go on.
+    #[error("source failed: {0}")]
+    SourceFailed(String),
+    /// The service failed the whole request: its source function failed or panicked,
+    /// or it timed out serving. The service's message is kept. Sources already handed
+    /// out go on.
+    #[error("request failed: {0}")]
+    RequestFailed(String),
+    /// This service's source function failed or panicked (server side: what
+    /// [`ServerConfig::on_error`](crate::ServerConfig::on_error) sees; the client gets
+    /// [`Error::RequestFailed`]).
     #[error("source function failed: {0}")]
     SourceFunc(String),
-    /// The API was used in a way it cannot serve (for example outside a tokio
-    /// runtime); the message says how.
+    /// The API was used in a way it cannot serve (outside a tokio runtime, a reply
+    /// address or tag too long for the wire); the message says how. Never caused by
+    /// the peer.
     #[error("misuse: {0}")]
     Misuse(&'static str),
     /// An I/O error of the underlying transport.
@@ -138,6 +149,13 @@ impl Error {
         matches!(self, Error::Reset | Error::LinkClosed | Error::Closed)
     }
 
+    /// True when the other side failed the source or the request on purpose
+    /// ([`Error::SourceFailed`], [`Error::RequestFailed`]): the link and the stream
+    /// were fine.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Error::SourceFailed(_) | Error::RequestFailed(_))
+    }
+
     /// True when the error came from malformed input rather than from the transport.
     pub fn is_protocol(&self) -> bool {
         matches!(
@@ -149,6 +167,23 @@ impl Error {
                 | Error::Protocol(_)
                 | Error::VersionMismatch { .. }
         )
+    }
+}
+
+/// Any error a producer may fail with: [`Source::try_new`](crate::Source::try_new)
+/// items, a source function's `Err` items. `String`, `&str`, `std::io::Error`,
+/// `anyhow::Error` and every `std::error::Error` convert into it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Error {
+    /// A producer's error as this crate's: an [`Error`] stays what it is (so a source
+    /// forwarded as it was received keeps its cause); anything else becomes
+    /// [`Error::SourceFailed`] with its message.
+    pub(crate) fn from_producer(e: impl Into<BoxError>) -> Error {
+        match e.into().downcast::<Error>() {
+            Ok(e) => *e,
+            Err(other) => Error::SourceFailed(other.to_string()),
+        }
     }
 }
 

@@ -27,7 +27,7 @@
 //!         Source::new(format!("source {i}"), stream::iter(frames))
 //!     }))
 //! })?;
-//! # chanserv::wait_for_name(&client_node, "greeter").await;
+//! client_node.wait_for_name("greeter", std::time::Duration::from_secs(10)).await?;
 //!
 //! let client = Client::new(client_node)?;
 //! let mut sources = client.lookup_and_post("greeter", "world", &[]).await?;
@@ -85,7 +85,7 @@
 //!   [`Source`], in any order, drops every server producer it started, busy or idle.
 //!   A `Client` handle alone does not cancel requests whose `Sources` are alive.
 //! - **One source's failure never touches its siblings.** A producer that panics ends
-//!   its own source with [`Error::Remote`] (`producer panicked: …`), never with `None`.
+//!   its own source with [`Error::SourceFailed`] (`producer panicked: …`), never with `None`.
 //! - **The link never dies of a limit of yamux**: a request's sources hold at most the
 //!   link's stream slots ([`NodeConfig::max_streams`]) until the consumer is done with
 //!   them; later ones wait for a slot.
@@ -126,18 +126,10 @@ pub mod fuzzing {
 
 pub use bytes::Bytes;
 pub use client::{Client, ClientConfig, ErrorFn, Sources};
-pub use error::{Error, Result, Timeout};
+pub use error::{BoxError, Error, Result, Timeout};
 pub use mux::{
-    Addr, DialOptions, Joined, LinkEvent, Listener, Multiplexer, MuxStream, Node, NodeConfig,
-    NodeId, NodeListener, PROTOCOL_VERSION,
+    Addr, DialOptions, Joined, LinkEvent, LinkEvents, Listener, Multiplexer, MuxStream, Node,
+    NodeConfig, NodeId, NodeListener, PROTOCOL_VERSION,
 };
 pub use server::{MaxErrorMassFn, ServeHandle, Server, ServerConfig, SourceItem};
 pub use source::{Meta, Request, RequestTag, Source, SourceSender};
-
-/// Waits (up to 10 s) until `node` can route the service name `name`: names bound on
-/// peers reach a node a moment after the link is up or the bind happened. Returns
-/// false on timeout.
-pub async fn wait_for_name(node: &Node, name: &str) -> bool {
-    node.wait_for_name(name, std::time::Duration::from_secs(10))
-        .await
-}

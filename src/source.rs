@@ -19,7 +19,7 @@ use futures::stream::{FusedStream, Stream, StreamExt};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::{Error, Result, Timeout};
+use crate::error::{BoxError, Error, Result, Timeout};
 use crate::frame::{FrameCodec, Item};
 use crate::mux::{from_io, Addr};
 
@@ -83,6 +83,7 @@ pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 ///
 /// Dropping a received `Source` resets its child stream; the server then drops the
 /// producer. Dropping a local source drops its producer.
+#[must_use = "a source does nothing unless its frames are read; dropping it cancels it"]
 pub struct Source {
     header: Bytes,
     meta: Meta,
@@ -112,19 +113,30 @@ impl Source {
     where
         S: Stream<Item = Bytes> + Send + 'static,
     {
-        Self::try_new(header, frames.map(Ok))
+        Self::boxed(header.into(), Box::pin(frames.map(Ok)))
     }
 
-    /// A source from a fallible stream: an `Err` item fails the source (the client sees
-    /// [`Error::Remote`] with its message) and ends it.
-    pub fn try_new<S>(header: impl Into<Bytes>, frames: S) -> Self
+    /// A source from a fallible stream: an `Err` item fails the source and ends it.
+    /// The consumer sees [`Error::SourceFailed`] with the error's message, or the
+    /// error itself when it is a [`chanserv::Error`](Error) (a source forwarded as it
+    /// was received keeps its cause locally). Any error type converts: `String`,
+    /// `&str`, `std::io::Error`, `anyhow::Error`, every `std::error::Error`.
+    pub fn try_new<S, E>(header: impl Into<Bytes>, frames: S) -> Self
     where
-        S: Stream<Item = Result<Bytes>> + Send + 'static,
+        S: Stream<Item = std::result::Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError>,
     {
+        Self::boxed(
+            header.into(),
+            Box::pin(frames.map(|r| r.map_err(Error::from_producer))),
+        )
+    }
+
+    fn boxed(header: Bytes, frames: BoxFrames) -> Self {
         Source {
-            header: header.into(),
+            header,
             meta: Meta::default(),
-            frames: Frames::Local(Box::pin(frames)),
+            frames: Frames::Local(frames),
         }
     }
 
@@ -152,7 +164,7 @@ impl Source {
             // way out (a sender dropped by a panic did not).
             None if !done.load(Ordering::Acquire) => {
                 done.store(true, Ordering::Release);
-                Poll::Ready(Some(Err(Error::Remote("producer panicked".into()))))
+                Poll::Ready(Some(Err(Error::SourceFailed("producer panicked".into()))))
             }
             other => Poll::Ready(other),
         });
@@ -161,7 +173,7 @@ impl Source {
                 tx: Some(tx),
                 completed,
             },
-            Source::try_new(header, frames),
+            Source::boxed(header.into(), Box::pin(frames)),
         )
     }
 
@@ -253,13 +265,13 @@ impl SourceSender {
         }
     }
 
-    /// Fails the source with `reason`; the consumer gets [`Error::Remote`].
+    /// Fails the source with `reason`; the consumer gets [`Error::SourceFailed`].
     pub async fn abort(mut self, reason: impl Into<String>) {
         if let Some(tx) = self.tx.take() {
             // The abort is what ends the source, not a panic.
             self.completed.store(true, Ordering::Release);
             // Err: the consumer is gone, and nobody is left to tell.
-            drop(tx.send(Err(Error::Remote(reason.into()))).await);
+            drop(tx.send(Err(Error::SourceFailed(reason.into()))).await);
         }
     }
 
@@ -349,7 +361,7 @@ impl RemoteFrames {
                     return Ok(());
                 }
                 Some(Item::Abort(reason)) => {
-                    self.end = Some(Some(Error::Remote(reason)));
+                    self.end = Some(Some(Error::SourceFailed(reason)));
                     self.stream = ChildStream::Done;
                     return Ok(());
                 }

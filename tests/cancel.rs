@@ -168,7 +168,10 @@ where
     let handle = Server::with_config(server_node.clone(), cfg)
         .listen_and_serve("svc", service)
         .unwrap();
-    assert!(chanserv::wait_for_name(&client_node, "svc").await);
+    client_node
+        .wait_for_name("svc", std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(handle.active_tasks(), 1, "only the accept loop at rest");
     let _server_node = server_node;
     Rig {
@@ -263,7 +266,7 @@ fn assert_numbered(what: &str, frames: &[Bytes], n: usize, size: usize) {
 
 fn assert_panicked(what: &str, err: Option<Error>) {
     match err {
-        Some(Error::Remote(m)) if m.contains("panicked") => {}
+        Some(Error::SourceFailed(m)) if m.contains("panicked") => {}
         other => panic!("{what}: want Remote(\"..panicked..\"), got {other:?}"),
     }
 }
@@ -512,7 +515,7 @@ async fn a_sender_dropped_by_a_panic_with_a_full_buffer_fails_its_source() {
         assert_numbered("completed", &drain_ok(&mut s).await, 3, 100);
         let (frames, err) = drain(&mut take(&mut sources, "aborted").await).await;
         assert_numbered("aborted", &frames, 1, 100);
-        let reason = matches!(&err, Some(Error::Remote(m)) if m == "disk full");
+        let reason = matches!(&err, Some(Error::SourceFailed(m)) if m == "disk full");
         assert!(reason, "{err:?}");
         assert!(within("the end", sources.next()).await.is_none());
     })
@@ -530,8 +533,8 @@ async fn only_the_services_own_faults_count_toward_the_error_mass() {
     bounded(async {
         let (mass_tx, mut mass_rx) = mpsc::unbounded_channel();
         let (err_tx, mut err_rx) = mpsc::unbounded_channel();
-        let mut cfg = ServerConfig::default();
-        cfg.max_error_mass(3)
+        let cfg = ServerConfig::default()
+            .max_error_mass(3)
             .on_max_error_mass(move |n| {
                 mass_tx.send(n).unwrap();
                 tokio::time::sleep(Duration::from_secs(30))
@@ -601,7 +604,7 @@ async fn only_the_services_own_faults_count_toward_the_error_mass() {
         for _ in 0..3 {
             let mut sources = post(&client, "error").await;
             let r = within("the request's failure", sources.next()).await;
-            let failed = matches!(&r, Some(Err(Error::Remote(m))) if m.contains("broken"));
+            let failed = matches!(&r, Some(Err(Error::RequestFailed(m))) if m.contains("broken"));
             assert!(failed, "{r:?}");
             let (e, own, _) = next_error(&mut err_rx, "a source function error is reported").await;
             assert!(own, "{e}");

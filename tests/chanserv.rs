@@ -17,7 +17,9 @@ async fn pair() -> (Node, Node) {
 }
 
 async fn client_for(node: &Node, name: &str) -> Client<Node> {
-    assert!(node.wait_for_name(name, Duration::from_secs(10)).await);
+    node.wait_for_name(name, Duration::from_secs(10))
+        .await
+        .unwrap();
     Client::new(node.clone()).unwrap()
 }
 
@@ -84,7 +86,7 @@ async fn completion_failure_order_and_exactly_once() {
     assert_eq!(got[1].1 .0.len(), 3);
     assert!(got[1].1 .1.is_none());
     assert_eq!(got[2].1 .0, vec![Bytes::from("one")]);
-    assert!(matches!(&got[2].1 .1, Some(Error::Remote(m)) if m == "disk on fire"));
+    assert!(matches!(&got[2].1 .1, Some(Error::SourceFailed(m)) if m == "disk on fire"));
 }
 
 #[tokio::test]
@@ -161,9 +163,10 @@ async fn backpressure_bounds_a_stalled_source_and_others_flow() {
             ])
         })
         .unwrap();
-    let mut cfg = ClientConfig::default();
-    cfg.frame_buffer_size(16);
-    assert!(b.wait_for_name("svc", Duration::from_secs(10)).await);
+    let cfg = ClientConfig::default().frame_buffer_size(16);
+    b.wait_for_name("svc", Duration::from_secs(10))
+        .await
+        .unwrap();
     let client = Client::with_config(b.clone(), cfg).unwrap();
     let mut sources = client.lookup_and_post("svc", "", &[]).await.unwrap();
     let mut stalled = sources.next().await.unwrap().unwrap();
@@ -223,8 +226,7 @@ async fn failing_source_function_fails_only_its_request() {
     let (a, b) = pair().await;
     let errors = Arc::new(AtomicU64::new(0));
     let e2 = errors.clone();
-    let mut cfg = ServerConfig::default();
-    cfg.on_error(move |_| {
+    let cfg = ServerConfig::default().on_error(move |_| {
         e2.fetch_add(1, Ordering::Relaxed);
     });
     let _svc = Server::with_config(a, cfg)
@@ -251,7 +253,7 @@ async fn failing_source_function_fails_only_its_request() {
         }
         let err = last.unwrap().unwrap_err();
         assert!(
-            matches!(&err, Error::Remote(m) if m.contains("source function failed")),
+            matches!(&err, Error::RequestFailed(m) if m.contains("source function failed")),
             "{body}: {err}"
         );
     }
@@ -319,7 +321,7 @@ async fn edge_shapes() {
     let (frames, err) = drain(&mut s).await;
     assert!(frames.is_empty());
     assert!(
-        matches!(&err, Some(Error::Remote(m)) if m.contains("exceeds the limit")),
+        matches!(&err, Some(Error::SourceFailed(m)) if m.contains("exceeds the limit")),
         "{err:?}"
     );
 }
@@ -337,8 +339,7 @@ async fn unknown_service_is_an_immediate_error() {
 #[tokio::test]
 async fn go_chanserv_scenario_with_compression() {
     let (a, b) = pair().await;
-    let mut cfg = ServerConfig::default();
-    cfg.use_compression(true);
+    let cfg = ServerConfig::default().use_compression(true);
     let _svc = Server::with_config(a, cfg)
         .listen_and_serve("chanserv", |_| {
             stream::iter(0..10u64).map(|i| {
@@ -378,8 +379,7 @@ async fn go_chanserv_scenario_with_compression() {
 async fn timeouts_say_which_one_fired() {
     // One node: dials stay in memory, so paused time is deterministic.
     let n = Node::new();
-    let mut scfg = ServerConfig::default();
-    scfg.sourcing_timeout(Some(Duration::from_secs(5)));
+    let scfg = ServerConfig::default().sourcing_timeout(Some(Duration::from_secs(5)));
     let _svc = Server::with_config(n.clone(), scfg)
         .listen_and_serve("slow", |req| match &req.body[..] {
             b"sources" => stream::pending::<Source>().boxed(),
@@ -394,8 +394,7 @@ async fn timeouts_say_which_one_fired() {
             }
         })
         .unwrap();
-    let mut ccfg = ClientConfig::default();
-    ccfg.frame_read_timeout(Some(Duration::from_secs(2)));
+    let ccfg = ClientConfig::default().frame_read_timeout(Some(Duration::from_secs(2)));
     let client = Client::with_config(n.clone(), ccfg).unwrap();
 
     let mut sources = client
@@ -404,7 +403,7 @@ async fn timeouts_say_which_one_fired() {
         .unwrap();
     let err = sources.next().await.unwrap().unwrap_err();
     assert!(
-        matches!(&err, Error::Remote(m) if m.contains("sourcing timeout")),
+        matches!(&err, Error::RequestFailed(m) if m.contains("sourcing timeout")),
         "{err}"
     );
 
@@ -616,8 +615,7 @@ async fn a_source_whose_stream_never_comes_fails_with_chan_accept() {
             stream::iter([Source::new("never", stream::pending::<Bytes>())])
         })
         .unwrap();
-    let mut ccfg = ClientConfig::default();
-    ccfg.chan_accept_timeout(Duration::from_secs(3));
+    let ccfg = ClientConfig::default().chan_accept_timeout(Duration::from_secs(3));
     let client = Client::with_config(n.clone(), ccfg).unwrap();
     let mut sources = client.lookup_and_post("svc", "", &[]).await.unwrap();
     let mut s = sources.next().await.unwrap().unwrap();
@@ -631,11 +629,12 @@ async fn a_source_whose_stream_never_comes_fails_with_chan_accept() {
 async fn error_mass_runs_its_action_after_consecutive_failures() {
     let (a, b) = pair().await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut cfg = ServerConfig::default();
-    cfg.max_error_mass(3).on_max_error_mass(move |n| {
-        tx.send(n).unwrap();
-        async {}
-    });
+    let cfg = ServerConfig::default()
+        .max_error_mass(3)
+        .on_max_error_mass(move |n| {
+            tx.send(n).unwrap();
+            async {}
+        });
     let _svc = Server::with_config(a, cfg)
         .listen_and_serve("svc", |req| match &req.body[..] {
             b"error" => stream::iter(vec![Err::<Source, String>("broken".into())]).boxed(),

@@ -203,10 +203,9 @@ async fn transport_delay_delivers_each_chunk_late_and_in_order() {
 // ------------------------------------------------------------------ the rig
 
 fn node_config() -> NodeConfig {
-    let mut c = NodeConfig::default();
-    c.keepalive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-        .close_timeout(CLOSE_TIMEOUT);
-    c
+    NodeConfig::default()
+        .keepalive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+        .close_timeout(CLOSE_TIMEOUT)
 }
 
 /// The server's producers that are alive, by name: each holds an [`Alive`] guard.
@@ -320,7 +319,10 @@ async fn rig() -> Rig {
     let service = Server::new(server_node.clone())
         .listen_and_serve("svc", service(live.clone()))
         .unwrap();
-    assert!(chanserv::wait_for_name(&client_node, "svc").await);
+    client_node
+        .wait_for_name("svc", std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
     Rig {
         client: Client::new(client_node.clone()).unwrap(),
         client_node,

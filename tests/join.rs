@@ -9,9 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const T: Duration = Duration::from_secs(10);
 
 fn fast() -> NodeConfig {
-    let mut c = NodeConfig::default();
-    c.reconnect_backoff(Duration::from_millis(5), Duration::from_millis(10));
-    c
+    NodeConfig::default().reconnect_backoff(Duration::from_millis(5), Duration::from_millis(10))
 }
 
 fn sock(name: &str) -> PathBuf {
@@ -22,7 +20,7 @@ fn sock(name: &str) -> PathBuf {
     p
 }
 
-async fn next_event(rx: &mut tokio::sync::broadcast::Receiver<LinkEvent>) -> LinkEvent {
+async fn next_event(rx: &mut chanserv::LinkEvents) -> LinkEvent {
     tokio::time::timeout(T, rx.recv())
         .await
         .expect("a link event")
@@ -71,7 +69,7 @@ async fn joining_twice_shares_one_loop_and_the_last_handle_leaves() {
             }
         }
     });
-    assert!(client.wait_for_name("echo", T).await);
+    client.wait_for_name("echo", T).await.unwrap();
     let mut s = client.dial("echo", T).await.unwrap();
     s.write_all(b"hi").await.unwrap();
     let mut b = [0u8; 2];
@@ -132,8 +130,7 @@ async fn a_detached_join_reconnects_until_the_node_shuts_down() {
 /// dropping the handle closes all of them: no supervisor survives its owner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotations_keep_one_loop_and_its_handle_closes_every_link() {
-    let mut cfg = fast();
-    cfg.rotate_after(20);
+    let cfg = fast().rotate_after(20);
     let (client, server) = (Node::with_config(cfg), Node::new());
     let addr = server.listen("127.0.0.1:0").await.unwrap();
     let mut l = server.bind("sink").unwrap();
@@ -148,7 +145,7 @@ async fn rotations_keep_one_loop_and_its_handle_closes_every_link() {
         }
     });
     let j = client.join(addr).await.unwrap();
-    assert!(client.wait_for_name("sink", T).await);
+    client.wait_for_name("sink", T).await.unwrap();
     for i in 0..200u32 {
         let mut s = client.dial("sink", T).await.unwrap();
         s.write_all(&i.to_le_bytes()).await.unwrap();

@@ -29,7 +29,9 @@ async fn read_one_after_another(cfg: NodeConfig, sources: u32) {
     let _svc = Server::new(a.clone())
         .listen_and_serve("many", move |_| stream::iter(0..sources).map(late_source))
         .unwrap();
-    assert!(b.wait_for_name("many", Duration::from_secs(10)).await);
+    b.wait_for_name("many", Duration::from_secs(10))
+        .await
+        .unwrap();
     let client = Client::new(b.clone()).unwrap();
     let started = Instant::now();
     let mut all = client.lookup_and_post("many", "", &[]).await.unwrap();
@@ -56,8 +58,7 @@ async fn read_one_after_another(cfg: NodeConfig, sources: u32) {
 /// With a small slot count the slots recycle thousands of times over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sources_read_in_order_recycle_a_few_stream_slots() {
-    let mut cfg = NodeConfig::default();
-    cfg.max_streams(16);
+    let cfg = NodeConfig::default().max_streams(16);
     tokio::time::timeout(Duration::from_secs(120), read_one_after_another(cfg, 5_000))
         .await
         .expect("no hang");

@@ -59,10 +59,9 @@ async fn pair() -> (Node, Node) {
 
 /// Waits until `node` can route `name` (names travel by the control stream).
 async fn until_known(node: &Node, name: &str) {
-    assert!(
-        node.wait_for_name(name, T).await,
-        "{name} never became known"
-    );
+    if let Err(e) = node.wait_for_name(name, T).await {
+        panic!("{name} never became known: {e}");
+    }
 }
 
 #[tokio::test]
@@ -268,7 +267,7 @@ async fn leaving_node_withdraws_names_and_buckets_are_stable() {
         assert!(matches!(events.recv().await.unwrap(), LinkEvent::Up(_)));
     }
     // Names arrive by the control stream: wait until the hub knows all three.
-    assert!(hub.wait_for_providers("kv", 3, T).await);
+    hub.wait_for_providers("kv", 3, T).await.unwrap();
     let buckets: Vec<String> = (0..90).map(|i| format!("user-{i}")).collect();
     let mut before = Vec::new();
     for b in &buckets {
@@ -327,8 +326,7 @@ async fn ten_thousand_concurrent_streams_on_one_link() {
 #[tokio::test]
 async fn links_rotate_before_stream_ids_run_out() {
     let a = Node::new();
-    let mut cfg = NodeConfig::default();
-    cfg.rotate_after(10);
+    let cfg = NodeConfig::default().rotate_after(10);
     let b = Node::with_config(cfg);
     let addr = a.listen("127.0.0.1:0").await.unwrap();
     b.join(addr).await.unwrap().detach();

@@ -41,11 +41,10 @@ async fn join(node: &Node, addr: SocketAddr) -> Joined {
 }
 
 fn node_config() -> NodeConfig {
-    let mut cfg = NodeConfig::default();
-    cfg.keepalive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+    NodeConfig::default()
+        .keepalive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
         .close_timeout(CLOSE_TIMEOUT)
-        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500));
-    cfg
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
 }
 
 /// Frame `i` of source `s`: its index, then bytes that depend on both.
@@ -170,7 +169,9 @@ async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
 async fn client_of(child: &Child) -> (Node, Joined, Client<Node>) {
     let node = Node::with_config(node_config());
     let joined = join(&node, child.addr).await;
-    assert!(node.wait_for_name("svc", Duration::from_secs(10)).await);
+    node.wait_for_name("svc", Duration::from_secs(10))
+        .await
+        .unwrap();
     let client = Client::new(node.clone()).unwrap();
     (node, joined, client)
 }
@@ -237,7 +238,7 @@ async fn fault_mid_stream(sig: &str) -> Duration {
     child.signal(sig);
     let t0 = Instant::now();
     let down = tokio::spawn(async move {
-        while !matches!(events.recv().await, Ok(LinkEvent::Down(_))) {}
+        while !matches!(events.recv().await, Some(LinkEvent::Down(_))) {}
         t0.elapsed()
     });
     let mut names: Vec<String> = held
@@ -303,7 +304,7 @@ async fn fetch_all(client: &Client<Node>) {
     assert_eq!(n, FINITE_SOURCES);
 }
 
-async fn next_event(events: &mut tokio::sync::broadcast::Receiver<LinkEvent>) -> LinkEvent {
+async fn next_event(events: &mut chanserv::LinkEvents) -> LinkEvent {
     events.recv().await.expect("link events")
 }
 
@@ -324,7 +325,9 @@ async fn reconnects_after_the_child_is_restarted() {
         let LinkEvent::Up(old) = next_event(&mut events).await else {
             panic!("expected the link to come up")
         };
-        assert!(node.wait_for_name("svc", Duration::from_secs(10)).await);
+        node.wait_for_name("svc", Duration::from_secs(10))
+            .await
+            .unwrap();
         let client = Client::new(node.clone()).unwrap();
         fetch_all(&client).await;
 
@@ -342,7 +345,9 @@ async fn reconnects_after_the_child_is_restarted() {
         };
         let up = t1.elapsed();
         assert_ne!(new, old, "a new process is a new node");
-        assert!(node.wait_for_name("svc", Duration::from_secs(10)).await);
+        node.wait_for_name("svc", Duration::from_secs(10))
+            .await
+            .unwrap();
         fetch_all(&client).await;
         assert_eq!(node.peers(), vec![new]);
         assert_eq!(node.links_established(), 2);

@@ -58,7 +58,8 @@ impl NodeConfig {
     ///
     /// # Panics
     /// If `n` is 0 or above 1,000,000.
-    pub fn max_streams(&mut self, n: usize) -> &mut Self {
+    #[must_use]
+    pub fn max_streams(mut self, n: usize) -> Self {
         assert!((1..=1_000_000).contains(&n), "max_streams must be 1..=1e6");
         self.max_streams = n;
         self
@@ -68,7 +69,8 @@ impl NodeConfig {
     ///
     /// # Panics
     /// If `interval` is zero or not shorter than `timeout`.
-    pub fn keepalive(&mut self, interval: Duration, timeout: Duration) -> &mut Self {
+    #[must_use]
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
         assert!(
             !interval.is_zero() && interval < timeout,
             "need 0 < interval < timeout"
@@ -78,7 +80,8 @@ impl NodeConfig {
         self
     }
     /// How long a link handshake may take.
-    pub fn handshake_timeout(&mut self, t: Duration) -> &mut Self {
+    #[must_use]
+    pub fn handshake_timeout(mut self, t: Duration) -> Self {
         self.handshake_timeout = t;
         self
     }
@@ -86,7 +89,8 @@ impl NodeConfig {
     ///
     /// # Panics
     /// If `n` is 0.
-    pub fn accept_backlog(&mut self, n: usize) -> &mut Self {
+    #[must_use]
+    pub fn accept_backlog(mut self, n: usize) -> Self {
         assert!(n > 0, "accept_backlog must be positive");
         self.accept_backlog = n;
         self
@@ -97,7 +101,8 @@ impl NodeConfig {
     ///
     /// # Panics
     /// If `n` is 0 or above 2^31 − 2^16.
-    pub fn rotate_after(&mut self, n: u64) -> &mut Self {
+    #[must_use]
+    pub fn rotate_after(mut self, n: u64) -> Self {
         assert!(
             (1..=(1 << 31) - (1 << 16)).contains(&n),
             "rotate_after out of range"
@@ -106,7 +111,8 @@ impl NodeConfig {
         self
     }
     /// Backoff of `join`'s reconnection: doubles from `min` to `max`.
-    pub fn reconnect_backoff(&mut self, min: Duration, max: Duration) -> &mut Self {
+    #[must_use]
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
         assert!(!min.is_zero() && min <= max, "need 0 < min <= max");
         self.reconnect_min = min;
         self.reconnect_max = max;
@@ -114,7 +120,8 @@ impl NodeConfig {
     }
     /// Largest yamux data frame. Larger writes are split. 256 KiB measured best for
     /// 1 MiB frames on loopback (yamux's own default is 16 KiB).
-    pub fn split_send_size(&mut self, n: usize) -> &mut Self {
+    #[must_use]
+    pub fn split_send_size(mut self, n: usize) -> Self {
         assert!(n >= 1024, "split_send_size must be at least 1 KiB");
         self.split_send_size = n;
         self
@@ -123,7 +130,8 @@ impl NodeConfig {
     /// How long closing a link (node shutdown or drop, rotation, a dead peer) may spend
     /// delivering what streams already wrote, their end-of-stream included, before the
     /// socket is dropped.
-    pub fn close_timeout(&mut self, t: Duration) -> &mut Self {
+    #[must_use]
+    pub fn close_timeout(mut self, t: Duration) -> Self {
         self.close_timeout = t;
         self
     }
@@ -134,7 +142,8 @@ impl NodeConfig {
     ///
     /// # Panics
     /// If `n` is below 64 KiB.
-    pub fn send_queue(&mut self, n: usize) -> &mut Self {
+    #[must_use]
+    pub fn send_queue(mut self, n: usize) -> Self {
         assert!(n >= 64 * 1024, "send_queue must be at least 64 KiB");
         self.send_queue = n;
         self

@@ -12,9 +12,13 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::broadcast;
+use tokio_util::sync::ReusableBoxFuture;
 
 use crate::error::{Error, Result};
 
@@ -151,6 +155,69 @@ pub enum LinkEvent {
     Up(NodeId),
     /// The last link to this peer is down; its names are withdrawn (`OnLeave`).
     Down(NodeId),
+    /// This subscriber fell behind and missed this many events (the node keeps the
+    /// last 256); [`Node::peers`] tells where things stand now.
+    Missed(u64),
+}
+
+/// The link events of a node ([`Node::subscribe`]): a `Stream` of [`LinkEvent`] that
+/// ends once the node and all its tasks are gone. A subscriber that falls more than
+/// 256 events behind gets [`LinkEvent::Missed`] instead of the oldest ones. Dropping
+/// it unsubscribes.
+#[must_use = "a subscription does nothing unless polled"]
+pub struct LinkEvents {
+    /// `None` once the node is gone.
+    next: Option<ReusableBoxFuture<'static, RecvNext>>,
+}
+
+type RecvNext = (
+    std::result::Result<LinkEvent, broadcast::error::RecvError>,
+    broadcast::Receiver<LinkEvent>,
+);
+
+async fn recv_next(mut rx: broadcast::Receiver<LinkEvent>) -> RecvNext {
+    (rx.recv().await, rx)
+}
+
+impl LinkEvents {
+    pub(crate) fn new(rx: broadcast::Receiver<LinkEvent>) -> Self {
+        LinkEvents {
+            next: Some(ReusableBoxFuture::new(recv_next(rx))),
+        }
+    }
+
+    /// The next event; `None` once the node is gone.
+    pub async fn recv(&mut self) -> Option<LinkEvent> {
+        futures::StreamExt::next(self).await
+    }
+}
+
+impl fmt::Debug for LinkEvents {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkEvents").finish_non_exhaustive()
+    }
+}
+
+impl futures::Stream for LinkEvents {
+    type Item = LinkEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<LinkEvent>> {
+        use broadcast::error::RecvError;
+        let Some(next) = self.next.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let (r, rx) = ready!(next.poll(cx));
+        let event = match r {
+            Ok(e) => e,
+            Err(RecvError::Lagged(n)) => LinkEvent::Missed(n),
+            Err(RecvError::Closed) => {
+                self.next = None;
+                return Poll::Ready(None);
+            }
+        };
+        next.set(recv_next(rx));
+        Poll::Ready(Some(event))
+    }
 }
 
 /// How a [`Multiplexer::dial`] goes: its timeout, and optionally a bucket that picks
@@ -215,3 +282,24 @@ const CTL_NAMES: u8 = 1;
 const CTL_PING: u8 = 2;
 const CTL_PONG: u8 = 3;
 const CTL_ROTATE: u8 = 4;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_is_told_how_much_it_missed() {
+        let (tx, rx) = broadcast::channel(2);
+        let mut events = LinkEvents::new(rx);
+        for peer in 1..=5 {
+            tx.send(LinkEvent::Up(peer)).unwrap();
+        }
+        assert_eq!(events.next().await, Some(LinkEvent::Missed(3)));
+        assert_eq!(events.next().await, Some(LinkEvent::Up(4)));
+        assert_eq!(events.next().await, Some(LinkEvent::Up(5)));
+        drop(tx);
+        assert_eq!(events.next().await, None);
+        assert_eq!(events.next().await, None);
+    }
+}

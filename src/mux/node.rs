@@ -19,7 +19,9 @@ use super::lifeline::Lifeline;
 use super::link::Active;
 use super::registry::{random_u64, Binding, Route, State};
 use super::stream::{Io, MuxStream};
-use super::{Addr, DialOptions, LinkEvent, Listener, Multiplexer, NodeConfig, NodeId, VAddr};
+use super::{
+    Addr, DialOptions, LinkEvent, LinkEvents, Listener, Multiplexer, NodeConfig, NodeId, VAddr,
+};
 use crate::error::{Error, Result, Timeout};
 
 /// A node of the mesh: binds virtual addresses, links to other nodes, dials.
@@ -117,9 +119,9 @@ impl Node {
         self.inner.id
     }
 
-    /// Link up/down events from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<LinkEvent> {
-        self.inner.events.subscribe()
+    /// Link up/down events from now on, as a stream (see [`LinkEvents`]).
+    pub fn subscribe(&self) -> LinkEvents {
+        LinkEvents::new(self.inner.events.subscribe())
     }
 
     /// Ids of the peers this node has a link to.
@@ -190,14 +192,20 @@ impl Node {
         self.inner.tasks.wait().await;
     }
 
-    /// Waits until a dial to the service `name` can be routed (bound here, or announced
-    /// by a linked peer), up to `within`. Returns false on timeout.
-    pub async fn wait_for_name(&self, name: &str, within: Duration) -> bool {
-        let Ok(v) = VAddr::parse(name) else {
-            return false;
-        };
-        self.wait_until(within, || self.inner.route(&v, None).is_ok())
+    /// Waits until a dial to `name` can be routed (bound here, or announced by a
+    /// linked peer), up to `within`: names bound on peers reach a node a moment after
+    /// the link is up or the bind happened. [`Error::NoSuchAddress`] when the time is
+    /// up, [`Error::InvalidAddress`] for a malformed name.
+    pub async fn wait_for_name(&self, name: &str, within: Duration) -> Result<()> {
+        let v = VAddr::parse(name)?;
+        if self
+            .wait_until(within, || self.inner.route(&v, None).is_ok())
             .await
+        {
+            Ok(())
+        } else {
+            Err(Error::NoSuchAddress(name.to_owned()))
+        }
     }
 
     /// The nodes a dial to the service `name` may reach: this node if it binds the
@@ -213,10 +221,24 @@ impl Node {
     }
 
     /// Waits until at least `count` nodes provide the service `name` (see
-    /// [`providers`](Node::providers)), up to `within`. Returns false on timeout.
-    pub async fn wait_for_providers(&self, name: &str, count: usize, within: Duration) -> bool {
-        self.wait_until(within, || self.providers(name).len() >= count)
+    /// [`providers`](Node::providers)), up to `within`. [`Error::NoSuchAddress`] when
+    /// the time is up with fewer.
+    pub async fn wait_for_providers(
+        &self,
+        name: &str,
+        count: usize,
+        within: Duration,
+    ) -> Result<()> {
+        if self
+            .wait_until(within, || self.providers(name).len() >= count)
             .await
+        {
+            Ok(())
+        } else {
+            Err(Error::NoSuchAddress(format!(
+                "{name} (fewer than {count} providers)"
+            )))
+        }
     }
 
     async fn wait_until(&self, within: Duration, mut ready: impl FnMut() -> bool) -> bool {

@@ -84,12 +84,14 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Called with each request-level error (bad request, failed source function,
     /// master stream timeouts).
-    pub fn on_error(&mut self, f: impl Fn(&Error) + Send + Sync + 'static) -> &mut Self {
+    #[must_use]
+    pub fn on_error(mut self, f: impl Fn(&Error) + Send + Sync + 'static) -> Self {
         self.on_error = Some(Arc::new(f));
         self
     }
     /// Called with each source-level error (child stream failed or timed out).
-    pub fn on_chan_error(&mut self, f: impl Fn(&Error) + Send + Sync + 'static) -> &mut Self {
+    #[must_use]
+    pub fn on_chan_error(mut self, f: impl Fn(&Error) + Send + Sync + 'static) -> Self {
         self.on_chan_error = Some(Arc::new(f));
         self
     }
@@ -101,14 +103,16 @@ impl ServerConfig {
     ///
     /// # Panics
     /// If `n` is 0.
-    pub fn max_error_mass(&mut self, n: usize) -> &mut Self {
+    #[must_use]
+    pub fn max_error_mass(mut self, n: usize) -> Self {
         assert!(n > 0, "max_error_mass must be positive");
         self.max_error_mass = n;
         self
     }
     /// Runs (and is awaited, so accepting pauses) when the error mass is reached; the
     /// count then starts again. Default: wait 30 s.
-    pub fn on_max_error_mass<F, Fut>(&mut self, f: F) -> &mut Self
+    #[must_use]
+    pub fn on_max_error_mass<F, Fut>(mut self, f: F) -> Self
     where
         F: Fn(usize) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -117,43 +121,51 @@ impl ServerConfig {
         self
     }
     /// Longest time from a request's arrival to its last announcement.
-    pub fn serving_timeout(&mut self, t: Option<Duration>) -> &mut Self {
+    #[must_use]
+    pub fn serving_timeout(mut self, t: Option<Duration>) -> Self {
         self.serving_timeout = t;
         self
     }
     /// Longest wait for the source function's next source.
-    pub fn sourcing_timeout(&mut self, t: Option<Duration>) -> &mut Self {
+    #[must_use]
+    pub fn sourcing_timeout(mut self, t: Option<Duration>) -> Self {
         self.sourcing_timeout = t;
         self
     }
     /// Longest wait to open a source's child stream to the client.
-    pub fn chan_accept_timeout(&mut self, t: Duration) -> &mut Self {
+    #[must_use]
+    pub fn chan_accept_timeout(mut self, t: Duration) -> Self {
         self.chan_accept_timeout = t;
         self
     }
     /// Longest wait for the request on a new master stream.
-    pub fn master_read_timeout(&mut self, t: Option<Duration>) -> &mut Self {
+    #[must_use]
+    pub fn master_read_timeout(mut self, t: Option<Duration>) -> Self {
         self.master_read_timeout = t;
         self
     }
     /// Longest wait for one write on the master stream.
-    pub fn master_write_timeout(&mut self, t: Option<Duration>) -> &mut Self {
+    #[must_use]
+    pub fn master_write_timeout(mut self, t: Option<Duration>) -> Self {
         self.master_write_timeout = t;
         self
     }
     /// Longest wait for one write of frames on a child stream (a consumer that stops
     /// reading for longer fails its source).
-    pub fn frame_write_timeout(&mut self, t: Option<Duration>) -> &mut Self {
+    #[must_use]
+    pub fn frame_write_timeout(mut self, t: Option<Duration>) -> Self {
         self.frame_write_timeout = t;
         self
     }
     /// Compress frames with LZ4 where that makes them smaller.
-    pub fn use_compression(&mut self, on: bool) -> &mut Self {
+    #[must_use]
+    pub fn use_compression(mut self, on: bool) -> Self {
         self.compression = on;
         self
     }
     /// Largest frame sent or accepted (see [`FrameCodec::with_limit`]).
-    pub fn frame_size_limit(&mut self, n: usize) -> &mut Self {
+    #[must_use]
+    pub fn frame_size_limit(mut self, n: usize) -> Self {
         self.frame_size_limit = FrameCodec::new().with_limit(n).limit();
         self
     }

@@ -18,7 +18,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::error::{Error, Result, Timeout};
+use crate::error::{BoxError, Error, Result, Timeout};
 use crate::frame::FrameCodec;
 use crate::mux::{from_io, Addr, Listener, Multiplexer};
 use crate::source::{Request, Source};
@@ -39,7 +39,8 @@ const INLINE_BUDGET: usize = 16 * 1024;
 const WRITE_BATCH: usize = 8 * 1024;
 
 /// Item type a source function's stream may yield: a [`Source`], or a `Result` whose
-/// error fails the request (the client's `Sources` yields [`Error::Remote`]).
+/// error fails the request (the client's `Sources` yields [`Error::RequestFailed`]
+/// with its message; any error converts, as in [`Source::try_new`]).
 pub trait SourceItem: Send + 'static {
     /// Into a result.
     fn into_source(self) -> Result<Source, String>;
@@ -51,15 +52,15 @@ impl SourceItem for Source {
     }
 }
 
-impl<E: fmt::Display + Send + 'static> SourceItem for Result<Source, E> {
+impl<E: Into<BoxError> + Send + 'static> SourceItem for Result<Source, E> {
     fn into_source(self) -> Result<Source, String> {
-        self.map_err(|e| e.to_string())
+        self.map_err(|e| e.into().to_string())
     }
 }
 
-/// Serves services on a multiplexer.
+/// Serves services on a multiplexer ([`Node`](crate::Node) unless you bring your own).
 #[derive(Clone)]
-pub struct Server<M: Multiplexer> {
+pub struct Server<M: Multiplexer = crate::Node> {
     mux: M,
     cfg: ServerConfig,
 }
@@ -85,13 +86,54 @@ impl<M: Multiplexer> Server<M> {
     /// `ListenAndServe`): it gets the [`Request`] and returns a stream of sources,
     /// announced to the client in order. Must run inside a tokio runtime.
     ///
-    /// A source function that panics or yields an error fails that request only.
+    /// A source function that panics or yields an error fails that request only (the
+    /// client gets [`Error::RequestFailed`]). The service runs while the returned
+    /// handle lives.
     pub fn listen_and_serve<F, S>(&self, vaddr: &str, source_fn: F) -> Result<ServeHandle>
     where
         F: Fn(Request) -> S + Send + Sync + 'static,
         S: Stream + Send + 'static,
         S::Item: SourceItem,
     {
+        self.serve(
+            vaddr,
+            Box::new(move |r| source_fn(r).map(SourceItem::into_source).boxed()),
+        )
+    }
+
+    /// Like [`listen_and_serve`](Self::listen_and_serve), for a source function that
+    /// needs to wait before it knows its sources (a database query, a dial):
+    /// `|req| async move { let rows = query(&req.body).await?; Ok(stream) }`. An
+    /// `Err` (any error converts, so `?` works) fails the request like an `Err` item;
+    /// [`ServerConfig::sourcing_timeout`] bounds the wait for the first source,
+    /// future included.
+    pub fn listen_and_serve_async<F, Fut, S>(
+        &self,
+        vaddr: &str,
+        source_fn: F,
+    ) -> Result<ServeHandle>
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<S, BoxError>> + Send + 'static,
+        S: Stream + Send + 'static,
+        S::Item: SourceItem,
+    {
+        self.serve(
+            vaddr,
+            Box::new(move |r| {
+                futures::stream::once(source_fn(r))
+                    .flat_map(|sources| match sources {
+                        Ok(s) => s.map(SourceItem::into_source).left_stream(),
+                        Err(e) => futures::stream::iter([Err(e.to_string())]).right_stream(),
+                    })
+                    .boxed()
+            }),
+        )
+    }
+
+    fn serve(&self, vaddr: &str, source_fn: BoxSourceFn) -> Result<ServeHandle> {
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::Misuse("a service must be started inside a tokio runtime"))?;
         let listener = self.mux.bind(vaddr)?;
         let addr = listener.local_addr().clone();
         let stop_accept = CancellationToken::new();
@@ -101,31 +143,35 @@ impl<M: Multiplexer> Server<M> {
             mux: self.mux.clone(),
             cfg: self.cfg.clone(),
             node: addr.node(),
-            source_fn: Box::new(move |r| source_fn(r).map(SourceItem::into_source).boxed()),
+            source_fn,
             tasks: tasks.clone(),
             cancel: cancel.clone(),
         });
-        tasks.spawn(accept_loop(ctx, listener, stop_accept.clone()));
+        rt.spawn(tasks.track_future(accept_loop(ctx, listener, stop_accept.clone())));
         Ok(ServeHandle {
             addr,
             stop_accept,
             cancel,
             tasks,
+            detached: false,
         })
     }
 }
 
-/// A running service. [`shutdown`](ServeHandle::shutdown) stops it gracefully.
+/// A running service: the handle owns it. [`shutdown`](ServeHandle::shutdown) stops it
+/// gracefully; [`detach`](ServeHandle::detach) hands it to the node.
 ///
 /// Dropping the handle stops the service at once: the address is unbound and every
-/// request and source in flight is cancelled (clients see [`Error::Reset`]).
-#[must_use = "dropping the handle stops the service"]
+/// request and source in flight is cancelled (clients see [`Error::Reset`]). So
+/// `let _ = server.listen_and_serve(..)` serves nothing: keep the handle, or detach it.
+#[must_use = "dropping the handle stops the service at once: keep it, or call detach()"]
 #[derive(Debug)]
 pub struct ServeHandle {
     addr: Addr,
     stop_accept: CancellationToken,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    detached: bool,
 }
 
 impl ServeHandle {
@@ -140,6 +186,12 @@ impl ServeHandle {
     /// has exactly 1.
     pub fn active_tasks(&self) -> usize {
         self.tasks.len()
+    }
+
+    /// Lets the service run without a handle, until its node shuts down (then the
+    /// address is gone, and requests in flight fail as their streams do).
+    pub fn detach(mut self) {
+        self.detached = true;
     }
 
     /// Stops accepting requests (the address is unbound at once), lets requests and
@@ -160,8 +212,10 @@ impl ServeHandle {
 
 impl Drop for ServeHandle {
     fn drop(&mut self) {
-        self.stop_accept.cancel();
-        self.cancel.cancel();
+        if !self.detached {
+            self.stop_accept.cancel();
+            self.cancel.cancel();
+        }
     }
 }
 

@@ -71,7 +71,7 @@ impl<M: Multiplexer> Pump<M> {
             }
             Stop::Failed(e) => {
                 let reason = match &e {
-                    Error::Remote(m) => m.clone(),
+                    Error::SourceFailed(m) => m.clone(),
                     other => other.to_string(),
                 };
                 FrameCodec::encode_abort(&reason, &mut child.wbuf);
@@ -152,7 +152,10 @@ async fn next_frame(source: &mut Source) -> Result<Option<Bytes>> {
         Ok(Some(Ok(f))) => Ok(Some(f)),
         Ok(Some(Err(e))) => Err(e),
         Ok(None) => Ok(None),
-        Err(p) => Err(Error::Remote(format!("producer {}", panic_message(&p)))),
+        Err(p) => Err(Error::SourceFailed(format!(
+            "producer {}",
+            panic_message(&p)
+        ))),
     }
 }
 

@@ -254,7 +254,7 @@ fn announce<M: Multiplexer>(
             Ok(Poll::Ready(None)) => ended = Some(Ok(())),
             Ok(Poll::Pending) => break,
             Err(p) => {
-                ended = Some(Err(Error::Remote(format!(
+                ended = Some(Err(Error::SourceFailed(format!(
                     "producer {}",
                     panic_message(&p)
                 ))))
