@@ -27,8 +27,7 @@ use crate::source::{
 };
 use crate::wire::{MasterMsg, RequestMsg, CHILD_PREFIX_LEN};
 
-/// A callback for errors nobody else sees (Go's `OnError` options).
-pub type ErrorFn = Arc<dyn Fn(&Error) + Send + Sync>;
+use crate::error::ErrorFn;
 
 /// [`Client`] settings, Go's `ClientOption`s with the same defaults:
 ///

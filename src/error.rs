@@ -187,5 +187,9 @@ impl Error {
     }
 }
 
+/// A callback for errors nobody else sees (Go's `OnError` options), shared by the
+/// client's and the server's settings.
+pub type ErrorFn = std::sync::Arc<dyn Fn(&Error) + Send + Sync>;
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -125,8 +125,8 @@ pub mod fuzzing {
 }
 
 pub use bytes::Bytes;
-pub use client::{Client, ClientConfig, ErrorFn, Sources};
-pub use error::{BoxError, Error, Result, Timeout};
+pub use client::{Client, ClientConfig, Sources};
+pub use error::{BoxError, Error, ErrorFn, Result, Timeout};
 pub use mux::{
     Addr, DialOptions, Joined, LinkEvent, LinkEvents, Listener, Multiplexer, MuxStream, Node,
     NodeConfig, NodeId, NodeListener, PROTOCOL_VERSION,

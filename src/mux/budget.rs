@@ -160,22 +160,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for LinkIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-    use std::sync::Arc;
-    use std::task::Wake;
-
-    struct CountWakes(AtomicUsize);
-    impl Wake for CountWakes {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::mux::lifeline::CountWakes;
 
     #[test]
     fn send_budget_holds_writers_until_the_socket_drains() {
         let b = SendBudget::new(64 * 1024);
-        let wakes = Arc::new(CountWakes(AtomicUsize::new(0)));
-        let waker = std::task::Waker::from(wakes.clone());
+        let (wakes, waker) = CountWakes::new();
         let mut cx = Context::from_waker(&waker);
         let mut reg = None;
         assert!(b.poll_room(&mut cx, &mut reg).is_ready());
@@ -186,12 +176,12 @@ mod tests {
         assert_eq!(b.waiters.lock().unwrap().len(), 1);
         // Draining to above half the limit wakes nobody; to half wakes the writer.
         b.written(16 * 1024);
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        assert_eq!(wakes.count(), 0);
         assert!(b.poll_room(&mut cx, &mut reg).is_ready());
         b.handed(16 * 1024);
         assert!(b.poll_room(&mut cx, &mut reg).is_pending());
         b.written(32 * 1024);
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert_eq!(wakes.count(), 1);
         assert!(b.poll_room(&mut cx, &mut reg).is_ready());
         // Socket bytes beyond what was handed (yamux headers) never make room
         // that was not taken.

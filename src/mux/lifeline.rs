@@ -113,25 +113,38 @@ impl Drop for Watch {
     }
 }
 
+/// A waker that counts its wakes, for the unit tests of the mux's wakers.
+#[cfg(test)]
+pub(super) struct CountWakes(std::sync::atomic::AtomicUsize);
+
+#[cfg(test)]
+impl CountWakes {
+    /// A counter and a context whose waker bumps it.
+    pub(super) fn new() -> (Arc<Self>, std::task::Waker) {
+        let count = Arc::new(CountWakes(Default::default()));
+        (count.clone(), std::task::Waker::from(count))
+    }
+    pub(super) fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+impl std::task::Wake for CountWakes {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-    use std::task::{Wake, Waker};
-
-    struct Count(AtomicUsize);
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
 
     #[test]
     fn ending_wakes_both_halves_of_every_watching_stream_once() {
         let line = Arc::new(Lifeline::default());
         let (a, b) = (line.watch(), line.watch());
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
+        let (count, waker) = CountWakes::new();
         let mut cx = Context::from_waker(&waker);
         assert!(!a.parked_on_dead(Half::Read, &mut cx));
         assert!(!a.parked_on_dead(Half::Write, &mut cx));
@@ -139,7 +152,7 @@ mod tests {
         drop(b); // no longer watching: not woken
         line.end();
         line.end();
-        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert_eq!(count.count(), 2);
         assert!(a.parked_on_dead(Half::Read, &mut cx));
         assert!(line.watch().parked_on_dead(Half::Write, &mut cx));
         drop(a);

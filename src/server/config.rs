@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 
-use crate::client::ErrorFn;
-use crate::error::Error;
+use crate::error::{Error, ErrorFn};
 use crate::frame::{FrameCodec, FRAME_SIZE_LIMIT};
 
 /// What to do when errors pile up (Go's `OnMaxErrorMass`).
