@@ -109,6 +109,33 @@ impl fmt::Display for Addr {
     }
 }
 
+/// Parses what [`Display`](fmt::Display) prints: `<16 hex digits>:<port>` or
+/// `<16 hex digits>/<name>` ([`Error::InvalidAddress`] otherwise).
+impl std::str::FromStr for Addr {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Addr> {
+        let bad = |why| Error::InvalidAddress(s.to_owned(), why);
+        let shape = "expected <16 hex digits>:<port> or <16 hex digits>/<name>";
+        let (Some(node), Some(sep), Some(rest)) = (s.get(..16), s.get(16..17), s.get(17..)) else {
+            return Err(bad(shape));
+        };
+        if !node.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad(shape));
+        }
+        let node = u64::from_str_radix(node, 16).map_err(|_| bad(shape))?;
+        match sep {
+            ":" => match rest.parse::<u32>() {
+                Ok(port) => Ok(Addr::new(node, format!(":{port}"))),
+                Err(_) => Err(bad("port is not a number")),
+            },
+            "/" if rest.len() <= 255 => Ok(Addr::new(node, rest)),
+            "/" => Err(bad("name longer than 255 bytes")),
+            _ => Err(bad(shape)),
+        }
+    }
+}
+
 /// A parsed virtual address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum VAddr {
@@ -287,6 +314,30 @@ const CTL_ROTATE: u8 = 4;
 mod tests {
     use super::*;
     use futures::StreamExt;
+
+    #[test]
+    fn addresses_print_and_parse_back() {
+        for a in [
+            Addr::new(0xdead_beef, ":7"),
+            Addr::new(u64::MAX, "search"),
+            Addr::new(1, "search:7"),
+            Addr::new(0, ""),
+        ] {
+            assert_eq!(a.to_string().parse::<Addr>().unwrap(), a, "{a}");
+        }
+        for bad in [
+            "",
+            "12",
+            "00000000000000zz:1",
+            "0000000000000001:x",
+            "0000000000000001-a",
+        ] {
+            assert!(
+                matches!(bad.parse::<Addr>(), Err(Error::InvalidAddress(..))),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn a_subscriber_that_falls_behind_is_told_how_much_it_missed() {

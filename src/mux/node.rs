@@ -90,10 +90,11 @@ impl Node {
         Self::with_config(NodeConfig::default())
     }
 
-    /// A node with a random id and the given settings.
+    /// A node with the given settings (a random id unless they set one:
+    /// [`NodeConfig::node_id`]).
     pub fn with_config(cfg: NodeConfig) -> Self {
         let inner = Arc::new(Inner {
-            id: random_u64(),
+            id: cfg.node_id.unwrap_or_else(random_u64),
             cfg,
             state: Mutex::new(State {
                 next_port: 1024,
