@@ -113,3 +113,50 @@ async fn a_server_restarted_with_a_random_id_moves_buckets() {
     .await
     .expect("hung");
 }
+
+/// A node that answers every stream to `name` with its id.
+fn answering(name: &str) -> Node {
+    use chanserv::{Listener, Multiplexer};
+    use tokio::io::AsyncWriteExt;
+    let node = Node::new();
+    let mut l = node.bind(name).unwrap();
+    let id = node.id();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            // A dialer that left early is no concern of this test.
+            drop(s.write_all(&id.to_le_bytes()).await);
+            drop(s.shutdown().await);
+        }
+    });
+    node
+}
+
+#[tokio::test]
+async fn a_name_is_dialed_on_the_node_chosen() {
+    use chanserv::{DialOptions, Error, Multiplexer};
+    use tokio::io::AsyncReadExt;
+    timeout(T, async {
+        let client = answering("kv");
+        let servers = [answering("kv"), answering("kv"), answering("other")];
+        for s in &servers {
+            link(&client, s).await;
+        }
+        client.wait_for_providers("kv", 3, T).await.unwrap();
+        client.wait_for_name("other", T).await.unwrap();
+        // Each provider, this node included, several times: always the one chosen.
+        for target in client.providers("kv").into_iter().cycle().take(12) {
+            let opts = DialOptions::new(T).on_node(target).bucket("ignored");
+            let mut s = client.dial("kv", opts).await.unwrap();
+            let mut id = [0u8; 8];
+            s.read_exact(&mut id).await.unwrap();
+            assert_eq!(u64::from_le_bytes(id), target);
+        }
+        // A node that does not provide the name, linked or not, is no route.
+        for target in [servers[2].id(), 42] {
+            let r = client.dial("kv", DialOptions::new(T).on_node(target)).await;
+            assert!(matches!(r, Err(Error::NoSuchAddress(_))), "{r:?}");
+        }
+    })
+    .await
+    .expect("hung");
+}

@@ -254,6 +254,7 @@ impl futures::Stream for LinkEvents {
 pub struct DialOptions {
     pub(crate) timeout: Duration,
     pub(crate) bucket: Option<String>,
+    pub(crate) node: Option<NodeId>,
     pub(crate) wait_for_slot: bool,
 }
 
@@ -263,6 +264,7 @@ impl DialOptions {
         DialOptions {
             timeout,
             bucket: None,
+            node: None,
             wait_for_slot: false,
         }
     }
@@ -272,6 +274,15 @@ impl DialOptions {
     /// while it is up, and only its buckets move when a node leaves.
     pub fn bucket(mut self, bucket: impl Into<String>) -> Self {
         self.bucket = Some(bucket.into());
+        self
+    }
+
+    /// Dial a service name on this node only (this node itself, or a linked peer that
+    /// announced the name): [`Error::NoSuchAddress`] if it does not provide it. With
+    /// [`Node::providers`] it reaches every provider of a name in turn; it overrides
+    /// [`bucket`](Self::bucket). Ignored for `":port"` and `"<node>:<port>"` addresses.
+    pub fn on_node(mut self, node: NodeId) -> Self {
+        self.node = Some(node);
         self
     }
 

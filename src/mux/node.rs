@@ -200,7 +200,9 @@ impl Node {
     pub async fn wait_for_name(&self, name: &str, within: Duration) -> Result<()> {
         let v = VAddr::parse(name)?;
         if self
-            .wait_until(within, || self.inner.route(&v, None).is_ok())
+            .wait_until(within, || {
+                self.inner.route(&v, &DialOptions::new(within)).is_ok()
+            })
             .await
         {
             Ok(())
@@ -283,9 +285,9 @@ impl Inner {
         }
     }
 
-    fn route(&self, v: &VAddr, bucket: Option<&str>) -> Result<Route> {
+    fn route(&self, v: &VAddr, opts: &DialOptions) -> Result<Route> {
         let rr = self.rr.fetch_add(1, Ordering::Relaxed);
-        self.state.lock().unwrap().route(self.id, v, bucket, rr)
+        self.state.lock().unwrap().route(self.id, v, opts, rr)
     }
 
     /// One accept loop for every kind of listener: each accepted socket becomes a
@@ -331,7 +333,7 @@ impl Inner {
         // A draining link may retire between the route and the open: route again once.
         let mut retry = true;
         loop {
-            let (link, target) = match self.route(&v, opts.bucket.as_deref())? {
+            let (link, target) = match self.route(&v, &opts)? {
                 Route::Local(tx, key) => return self.dial_local(tx, key, &vaddr, deadline).await,
                 Route::Remote(link, target) => (link, target),
             };

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use super::join::{JoinEntry, Rejoin};
 use super::link::{Active, Link};
 use super::stream::MuxStream;
-use super::{Addr, NodeId, VAddr, CTL_NAMES};
+use super::{Addr, DialOptions, NodeId, VAddr, CTL_NAMES};
 use crate::error::{Error, Result};
 
 /// Everything behind the node's one lock.
@@ -111,7 +111,7 @@ impl State {
         &self,
         here: NodeId,
         v: &VAddr,
-        bucket: Option<&str>,
+        opts: &DialOptions,
         rr: usize,
     ) -> Result<Route> {
         let local = |key: &str| {
@@ -129,7 +129,22 @@ impl State {
                 .newest_link(*id)
                 .map(|l| Route::Remote(Active::new(l), format!(":{p}")))
                 .ok_or_else(|| none(format!("{id:016x}:{p} (no link to that node)"))),
+            VAddr::Name(name) if opts.node.is_some() => {
+                let n = opts.node.expect("guarded");
+                let there = || format!("{name} on {n:016x}");
+                if n == here {
+                    return local(name).ok_or_else(|| none(there()));
+                }
+                match self.peer_names.get(&n).filter(|names| names.contains(name)) {
+                    Some(_) => self
+                        .newest_link(n)
+                        .map(|l| Route::Remote(Active::new(l), name.clone()))
+                        .ok_or_else(|| none(there())),
+                    None => Err(none(there())),
+                }
+            }
             VAddr::Name(name) => {
+                let bucket = opts.bucket.as_deref();
                 let mut candidates = self.peers_binding(name);
                 let is_here = self.binds.contains_key(name);
                 if is_here && bucket.is_none() {
