@@ -5,20 +5,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
 
 use super::link::{hex, Link};
 use super::node::Inner;
-use super::registry::parse_names;
 use super::stream::MuxStream;
-use super::{CTL_NAMES, CTL_PING, CTL_PONG, CTL_ROTATE};
-use crate::frame::FrameCodec;
-
-/// Largest control message: a NAMES message of thousands of names fits.
-const CONTROL_LIMIT: usize = 16 << 20;
+use crate::proto::frame::FrameCodec;
+use crate::proto::link::{Control, CONTROL_LIMIT};
 
 /// What keep-alive asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,8 +102,8 @@ impl Inner {
             self.cfg.keepalive_interval,
             self.cfg.keepalive_timeout,
         );
-        let encode = |m: &[u8], wbuf: &mut BytesMut| {
-            if let Err(e) = codec.encode(m, wbuf) {
+        let encode = |m: &Control, wbuf: &mut BytesMut| {
+            if let Err(e) = m.encode(wbuf) {
                 tracing::error!(peer = %hex(link.peer), "control message not sent: {e}");
             }
         };
@@ -119,7 +115,7 @@ impl Inner {
                         tracing::warn!(peer = %hex(link.peer), "link: keep-alive timeout");
                         return false;
                     }
-                    Some(KeepAliveAction::Ping) => encode(&[CTL_PING], &mut wbuf),
+                    Some(KeepAliveAction::Ping) => encode(&Control::Ping, &mut wbuf),
                     None => continue,
                 },
                 _ = link.idle.notified() => {
@@ -129,7 +125,8 @@ impl Inner {
                     continue;
                 }
                 m = out.recv() => match m {
-                    Some(m) => encode(&m, &mut wbuf),
+                    // Whole frames already (see `Link::send_control`).
+                    Some(m) => wbuf.extend_from_slice(&m),
                     None => return false,
                 },
                 s = async { inbound.as_mut().expect("guarded").await }, if inbound.is_some() => {
@@ -149,7 +146,7 @@ impl Inner {
                         match codec.decode(&mut rbuf) {
                             Ok(Some(msg)) => {
                                 if let Some(reply) = self.on_control(link, msg) {
-                                    encode(reply, &mut wbuf);
+                                    encode(&reply, &mut wbuf);
                                 }
                             }
                             Ok(None) => break,
@@ -194,16 +191,20 @@ impl Inner {
         true
     }
 
-    /// Handles one control message; returns the reply to send, if any.
-    fn on_control(&self, link: &Arc<Link>, mut msg: Bytes) -> Option<&'static [u8]> {
-        if msg.is_empty() {
-            return None;
-        }
-        match msg.get_u8() {
-            CTL_PING => return Some(&[CTL_PONG]),
-            CTL_PONG => {}
-            CTL_NAMES => {
-                let names = parse_names(msg);
+    /// Handles one control message (a frame's body); returns the reply, if any.
+    fn on_control(&self, link: &Arc<Link>, body: Bytes) -> Option<Control> {
+        let msg = match Control::decode(body) {
+            Ok(msg) => msg,
+            // An empty message says nothing; it was always ignored.
+            Err(e) => {
+                tracing::debug!(peer = %hex(link.peer), "control message ignored: {e}");
+                return None;
+            }
+        };
+        match msg {
+            Control::Ping => return Some(Control::Pong),
+            Control::Pong => {}
+            Control::Names(names) => {
                 tracing::debug!(peer = %hex(link.peer), ?names, "peer names");
                 self.state
                     .lock()
@@ -212,8 +213,10 @@ impl Inner {
                     .insert(link.peer, names);
                 self.names_changed.notify_waiters();
             }
-            CTL_ROTATE => link.rotate(),
-            other => tracing::debug!(peer = %hex(link.peer), "unknown control message {other}"),
+            Control::Rotate => link.rotate(),
+            Control::Unknown(k) => {
+                tracing::debug!(peer = %hex(link.peer), "unknown control message {k}")
+            }
         }
         None
     }

@@ -16,8 +16,8 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::lifeline::{Half, Watch};
 use super::link::Active;
-use super::{OPEN_CONTROL, OPEN_DIAL, STATUS_ACCEPTED, STATUS_NO_SUCH_ADDRESS, STATUS_REFUSED};
 use crate::error::{Error, Result};
+use crate::proto::link::{Open, Partial, Status};
 
 pub(super) type YamuxIo = tokio_util::compat::Compat<yamux::Stream>;
 
@@ -123,11 +123,11 @@ impl MuxStream {
         let mut rb = ReadBuf::new(&mut b);
         ready!(self.poll_io_read(cx, &mut rb))?;
         self.status_pending = false;
-        let err = match rb.filled().first() {
-            Some(&STATUS_ACCEPTED) => return Poll::Ready(Ok(())),
-            Some(&STATUS_NO_SUCH_ADDRESS) => Error::NoSuchAddress("at the remote node".into()),
-            Some(&STATUS_REFUSED) => Error::Refused("the remote listener".into()),
-            Some(other) => Error::Protocol(format!("unknown open status {other}")),
+        let err = match rb.filled().first().map(|b| Status::decode(*b)) {
+            Some(Ok(Status::Accepted)) => return Poll::Ready(Ok(())),
+            Some(Ok(Status::NoSuchAddress)) => Error::NoSuchAddress("at the remote node".into()),
+            Some(Ok(Status::Refused)) => Error::Refused("the remote listener".into()),
+            Some(Err(e)) => e,
             None => Error::Reset,
         };
         Poll::Ready(Err(io::Error::other(err)))
@@ -284,38 +284,21 @@ impl AsyncWrite for MuxStream {
 }
 
 /// Reads a stream's open header (`PROTOCOL.md`, stream open) without losing bytes when
-/// it arrives in pieces: `Some(address)` for a dial, `None` for the control stream.
+/// it arrives in pieces, and without reading past it.
 #[derive(Default)]
 pub(super) struct OpenReader {
     got: Vec<u8>,
 }
 
 impl OpenReader {
-    pub(super) fn poll(
-        &mut self,
-        s: &mut MuxStream,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Option<String>>> {
+    pub(super) fn poll(&mut self, s: &mut MuxStream, cx: &mut Context<'_>) -> Poll<Result<Open>> {
         loop {
-            let need = match self.got.as_slice() {
-                [] => 1,
-                [OPEN_CONTROL] => return Poll::Ready(Ok(None)),
-                [OPEN_DIAL] => 2,
-                [OPEN_DIAL, n, name @ ..] if name.len() == usize::from(*n) => {
-                    return Poll::Ready(
-                        String::from_utf8(name.to_vec())
-                            .map(Some)
-                            .map_err(|_| Error::Protocol("address is not UTF-8".into())),
-                    );
-                }
-                [OPEN_DIAL, n, ..] => 2 + usize::from(*n),
-                [k, ..] => {
-                    return Poll::Ready(Err(Error::Protocol(format!("unknown stream kind {k}"))))
-                }
+            let need = match Open::decode(&self.got)? {
+                Partial::Done(open, _) => return Poll::Ready(Ok(open)),
+                Partial::Need(n) => n,
             };
-            let mut b = [0u8; 257];
-            let want = need - self.got.len();
-            let mut rb = ReadBuf::new(&mut b[..want]);
+            let mut b = [0u8; 256];
+            let mut rb = ReadBuf::new(&mut b[..need]);
             ready!(Pin::new(&mut *s).poll_read(cx, &mut rb)).map_err(from_io)?;
             if rb.filled().is_empty() {
                 return Poll::Ready(Err(Error::Reset));

@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use futures::stream::StreamExt;
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -18,8 +18,8 @@ use super::{panic_message, with_timeout, write_buf, Caught, Ctx, INLINE_BUDGET, 
 use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, HEADER_LEN};
 use crate::mux::{from_io, Addr, Multiplexer};
+use crate::proto::chanserv::{MasterMsg, RequestMsg};
 use crate::source::{Meta, Request, Source};
-use crate::wire::{RequestMsg, MSG_ACCEPT, MSG_ANNOUNCE, MSG_END, MSG_ERROR, MSG_INLINE};
 
 type PumpFuture = futures::future::BoxFuture<'static, Result<()>>;
 
@@ -82,7 +82,7 @@ async fn announce_sources<M: Multiplexer>(
         },
     };
     let mut wbuf = BytesMut::new();
-    put_msg(&mut wbuf, &[MSG_ACCEPT], &ctx.node.to_le_bytes());
+    MasterMsg::encode_accept(ctx.node, &mut wbuf);
     let sources = std::panic::catch_unwind(AssertUnwindSafe(|| (ctx.source_fn)(request)));
     let mut sources = match sources {
         Ok(s) => Caught::new(AssertUnwindSafe(s).catch_unwind()),
@@ -154,7 +154,7 @@ async fn announce_sources<M: Multiplexer>(
         next_id = next_id
             .checked_add(1)
             .ok_or_else(|| Error::Protocol("more than 2^32 sources".into()))?;
-        if let Some(pump) = announce(ctx, source, id, &req, &mut wbuf) {
+        if let Some(pump) = announce(ctx, source, id, &req, &mut wbuf)? {
             // The receiver lives as long as this request's task.
             drop(pumps.send(pump));
         }
@@ -168,7 +168,7 @@ async fn announce_sources<M: Multiplexer>(
             .await?;
         }
     }
-    put_msg(&mut wbuf, &[MSG_END], &[]);
+    MasterMsg::encode_end(&mut wbuf);
     write_buf(
         &mut master,
         &mut wbuf,
@@ -196,22 +196,15 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Appends one master message (a codec frame of `kind ‖ body`).
-fn put_msg(wbuf: &mut BytesMut, kind: &[u8], body: &[u8]) {
-    wbuf.put_u32_le((kind.len() + body.len()) as u32);
-    wbuf.put_slice(kind);
-    wbuf.put_slice(body);
-}
-
 async fn fail_master<M: Multiplexer>(
     ctx: &Ctx<M>,
     master: &mut M::Stream,
     wbuf: &mut BytesMut,
     e: &Error,
 ) {
-    let msg = e.to_string();
-    put_msg(wbuf, &[MSG_ERROR], msg.as_bytes());
-    if write_buf(
+    if let Err(too_long) = MasterMsg::Error(e.to_string()).encode(wbuf) {
+        tracing::debug!("request failure not sent: {too_long}");
+    } else if write_buf(
         master,
         wbuf,
         ctx.cfg.master_write_timeout,
@@ -226,14 +219,15 @@ async fn fail_master<M: Multiplexer>(
 }
 
 /// Announces a source: inline when it is small and complete already, else on the
-/// master, returning the pump for its child stream.
+/// master, returning the pump for its child stream. A header too large for a frame
+/// fails the request.
 fn announce<M: Multiplexer>(
     ctx: &Arc<Ctx<M>>,
     source: Source,
     id: u32,
     req: &RequestMsg,
     wbuf: &mut BytesMut,
-) -> Option<PumpFuture> {
+) -> Result<Option<PumpFuture>> {
     let mut source = Caught::new(source);
     let mut ready = VecDeque::new();
     let mut size = source.header().len();
@@ -265,24 +259,10 @@ fn announce<M: Multiplexer>(
         }
     }
     if matches!(ended, Some(Ok(()))) && size <= INLINE_BUDGET && !ctx.cfg.compression {
-        let start = wbuf.len();
-        wbuf.put_u32_le(0);
-        wbuf.put_u8(MSG_INLINE);
-        wbuf.put_u32_le(id);
-        wbuf.put_u32_le(source.header().len() as u32);
-        wbuf.put_slice(source.header());
-        for f in &ready {
-            wbuf.put_u32_le(f.len() as u32);
-            wbuf.put_slice(f);
-        }
-        let len = (wbuf.len() - start - HEADER_LEN) as u32;
-        wbuf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-        return None;
+        MasterMsg::encode_inline(id, source.header(), &ready, wbuf)?;
+        return Ok(None);
     }
-    let mut body = BytesMut::with_capacity(4 + source.header().len());
-    body.put_u32_le(id);
-    body.put_slice(source.header());
-    put_msg(wbuf, &[MSG_ANNOUNCE], &body);
+    MasterMsg::encode_announce(id, source.header(), wbuf)?;
     let pump = Pump {
         ctx: ctx.clone(),
         source,
@@ -292,7 +272,7 @@ fn announce<M: Multiplexer>(
         req_id: req.id,
         id,
     };
-    Some(Box::pin(pump.run()))
+    Ok(Some(Box::pin(pump.run())))
 }
 
 async fn read_request<R: AsyncRead + Unpin>(r: &mut R, codec: &FrameCodec) -> Result<RequestMsg> {
