@@ -21,11 +21,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, FRAME_SIZE_LIMIT};
-use crate::mux::{from_io, Addr, DialOptions, Listener, Multiplexer};
+use crate::mux::{from_io, poll_read_frames, Addr, DialOptions, Listener, Multiplexer};
 use crate::proto::chanserv::{ChildPrefix, MasterMsg, RequestMsg};
-use crate::source::{
-    poll_read_append, BoxRead, ChildStream, Meta, RemoteFrames, RequestTag, Source,
-};
+use crate::source::{BoxRead, ChildStream, Meta, RemoteFrames, RequestTag, Source};
 
 /// A callback for errors nobody else sees (Go's `OnError` options).
 pub type ErrorFn = Arc<dyn Fn(&Error) + Send + Sync>;
@@ -429,9 +427,8 @@ impl Sources {
         let Some(master) = self.master.as_mut() else {
             return Poll::Ready(Err(Error::Reset));
         };
-        let want = self.codec.bytes_needed(&self.buf).clamp(4096, 64 * 1024);
-        match ready!(poll_read_append(master, cx, &mut self.buf, want)) {
-            Err(e) => Poll::Ready(Err(from_io(e))),
+        match ready!(poll_read_frames(master, cx, &self.codec, &mut self.buf)) {
+            Err(e) => Poll::Ready(Err(e)),
             Ok(0) => Poll::Ready(Err(Error::Reset)),
             Ok(_) => Poll::Ready(Ok(())),
         }

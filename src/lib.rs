@@ -56,8 +56,9 @@
 //!   `registry` (binds, peer names, routing, rendezvous buckets), `link` (handshake,
 //!   the yamux driver, a link from up to closed), `control` (keep-alive as a state
 //!   machine, names, rotation), `join` ([`Joined`]: one reconnect loop per address),
-//!   `stream` ([`MuxStream`]), `budget` (the per-link send budget), `lifeline` (how a
-//!   dead link fails every stream on it).
+//!   `stream` ([`MuxStream`], and the one read of every framed stream), `budget`
+//!   (the per-link send budget), `lifeline` (how a dead link fails every stream on
+//!   it).
 //! - `server/` — [`Server`]: `config`, `request` (reads a request, runs your source
 //!   function, announces the sources), `pump` (one source's child stream, batched,
 //!   watched for the client leaving).

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
 
 use super::link::{hex, Link};
 use super::node::Inner;
-use super::stream::MuxStream;
+use super::stream::{read_frames, MuxStream};
 use crate::proto::frame::FrameCodec;
 use crate::proto::link::{Control, CONTROL_LIMIT};
 
@@ -137,7 +137,9 @@ impl Inner {
                     }
                     continue;
                 }
-                n = async { reader.as_mut().expect("guarded").read_buf(&mut rbuf).await }, if reader.is_some() => {
+                n = async {
+                    read_frames(reader.as_mut().expect("guarded"), &codec, &mut rbuf).await
+                }, if reader.is_some() => {
                     match n {
                         Ok(0) | Err(_) => return link.is_draining(),
                         Ok(_) => ka.heard(Instant::now()),

@@ -33,8 +33,8 @@ pub use crate::proto::link::PROTOCOL_VERSION;
 pub use config::NodeConfig;
 pub use join::Joined;
 pub use node::{Node, NodeListener};
-pub(crate) use stream::from_io;
 pub use stream::MuxStream;
+pub(crate) use stream::{from_io, poll_read_frames, read_frames};
 
 /// A node id: random, 64 bits, printed as 16 hex digits.
 pub type NodeId = u64;

@@ -1,5 +1,7 @@
 //! [`MuxStream`], the byte stream a [`Node`](super::Node) hands out, and the reader of
-//! a stream's open header. A stream owns its yamux stream (or in-memory pipe), its
+//! a stream's open header, and [`poll_read_frames`], the one read of every framed
+//! stream of the crate (it sits next to [`from_io`], whose errors it returns, so the
+//! control loop, the client and the server share it). A stream owns its yamux stream (or in-memory pipe), its
 //! slot on the link, what it still owes the peer (open header or accepted status),
 //! and its watch on the link's lifeline: when the link dies, a parked read or write
 //! fails with [`Error::LinkClosed`] instead of waiting forever.
@@ -17,6 +19,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::lifeline::{Half, Watch};
 use super::link::Active;
 use crate::error::{Error, Result};
+use crate::proto::frame::FrameCodec;
 use crate::proto::link::{Open, Partial, Status};
 
 pub(super) type YamuxIo = tokio_util::compat::Compat<yamux::Stream>;
@@ -306,4 +309,37 @@ impl OpenReader {
             self.got.extend_from_slice(rb.filled());
         }
     }
+}
+
+/// The least room a read of a framed stream gets when no big frame is expected.
+/// Reads fill what is free in the buffer, so a buffer that grew reads more at once;
+/// a small floor keeps the memory of thousands of idle streams small.
+const MIN_READ: usize = 8 * 1024;
+
+/// Reads once from a framed stream into `buf`, after what it holds, for `codec` to
+/// decode: how many bytes came, 0 at the end of the stream (for a chanserv stream
+/// that has not said END or ABORT, that is a cut: [`Error::Reset`]; see
+/// [`FrameCodec::check_eof`] to tell a truncated frame), or the stream's error.
+///
+/// It reads into `buf`'s spare capacity, which is not zeroed (no copy through a
+/// scratch buffer, no zeroing): when the next frame is big, room for all of it
+/// (`codec.bytes_needed`, never above the codec's limit) is reserved first, so the
+/// frame arrives without regrowth copies; otherwise at least [`MIN_READ`] bytes.
+pub(crate) fn poll_read_frames<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    cx: &mut Context<'_>,
+    codec: &FrameCodec,
+    buf: &mut BytesMut,
+) -> Poll<Result<usize>> {
+    buf.reserve(codec.bytes_needed(buf).max(MIN_READ));
+    tokio_util::io::poll_read_buf(Pin::new(r), cx, buf).map_err(from_io)
+}
+
+/// [`poll_read_frames`] as a future.
+pub(crate) async fn read_frames<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    codec: &FrameCodec,
+    buf: &mut BytesMut,
+) -> Result<usize> {
+    poll_fn(|cx| poll_read_frames(r, cx, codec, buf)).await
 }

@@ -17,7 +17,7 @@ use super::pump::Pump;
 use super::{panic_message, with_timeout, write_buf, Caught, Ctx, INLINE_BUDGET, WRITE_BATCH};
 use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, HEADER_LEN};
-use crate::mux::{from_io, Addr, Multiplexer};
+use crate::mux::{from_io, read_frames, Addr, Multiplexer};
 use crate::proto::chanserv::{MasterMsg, RequestMsg};
 use crate::source::{Meta, Request, Source};
 
@@ -276,12 +276,12 @@ fn announce<M: Multiplexer>(
 }
 
 async fn read_request<R: AsyncRead + Unpin>(r: &mut R, codec: &FrameCodec) -> Result<RequestMsg> {
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut buf = BytesMut::new();
     loop {
         if let Some(f) = codec.decode(&mut buf)? {
             return RequestMsg::decode(f);
         }
-        if r.read_buf(&mut buf).await.map_err(from_io)? == 0 {
+        if read_frames(r, codec, &mut buf).await? == 0 {
             codec.check_eof(&buf)?;
             return Err(Error::Reset);
         }
