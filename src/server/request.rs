@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use futures::stream::StreamExt;
+use futures::stream::{Stream, StreamExt};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -81,112 +81,57 @@ async fn announce_sources<M: Multiplexer>(
             tags: req.tags.clone(),
         },
     };
-    let mut wbuf = BytesMut::new();
-    MasterMsg::encode_accept(ctx.node, &mut wbuf);
+    let mut master = Master {
+        ctx,
+        s: master,
+        wbuf: BytesMut::new(),
+    };
+    MasterMsg::encode_accept(ctx.node, &mut master.wbuf);
     let sources = std::panic::catch_unwind(AssertUnwindSafe(|| (ctx.source_fn)(request)));
     let mut sources = match sources {
         Ok(s) => Caught::new(AssertUnwindSafe(s).catch_unwind()),
-        Err(p) => {
-            let e = Error::SourceFunc(panic_message(&p));
-            fail_master(ctx, &mut master, &mut wbuf, &e).await;
-            return Err(e);
-        }
+        Err(p) => return master.fail(Error::SourceFunc(panic_message(&p))).await,
     };
     let serving_deadline = ctx.cfg.serving_timeout.map(|t| Instant::now() + t);
     let mut next_id = 0u32;
-    // A read on the master returns only when the client is gone (it never writes or
-    // closes its half): that cancels the request.
-    let mut probe = [0u8; 1];
     loop {
         let item = match sources.next().now_or_never() {
             Some(item) => item,
-            None => {
-                write_buf(
-                    &mut master,
-                    &mut wbuf,
-                    ctx.cfg.master_write_timeout,
-                    Timeout::MasterWrite,
-                )
-                .await?;
-                let sourcing = ctx.cfg.sourcing_timeout.map(|t| Instant::now() + t);
-                let deadline = match (serving_deadline, sourcing) {
-                    (Some(a), Some(b)) => Some((
-                        a.min(b),
-                        if a <= b {
-                            Timeout::Serving
-                        } else {
-                            Timeout::Sourcing
-                        },
-                    )),
-                    (Some(a), None) => Some((a, Timeout::Serving)),
-                    (None, Some(b)) => Some((b, Timeout::Sourcing)),
-                    (None, None) => None,
-                };
-                tokio::select! {
-                    item = sources.next() => item,
-                    _ = ctx.cancel.cancelled() => return Err(Error::Closed),
-                    r = master.read(&mut probe) => {
-                        return Err(r.map_or_else(from_io, |_| Error::Reset));
-                    }
-                    _ = sleep_until(deadline.map(|d| d.0)) => {
-                        let e = Error::Timeout(deadline.expect("armed").1);
-                        fail_master(ctx, &mut master, &mut wbuf, &e).await;
-                        return Err(e);
-                    }
-                }
-            }
+            None => master.next_source(&mut *sources, serving_deadline).await?,
         };
         let source = match item {
             None => break,
             Some(Ok(Ok(s))) => s,
-            Some(Ok(Err(msg))) => {
-                let e = Error::SourceFunc(msg);
-                fail_master(ctx, &mut master, &mut wbuf, &e).await;
-                return Err(e);
-            }
-            Some(Err(p)) => {
-                let e = Error::SourceFunc(panic_message(&p));
-                fail_master(ctx, &mut master, &mut wbuf, &e).await;
-                return Err(e);
-            }
+            Some(Ok(Err(msg))) => return master.fail(Error::SourceFunc(msg)).await,
+            Some(Err(p)) => return master.fail(Error::SourceFunc(panic_message(&p))).await,
         };
         let id = next_id;
         next_id = next_id
             .checked_add(1)
             .ok_or_else(|| Error::Protocol("more than 2^32 sources".into()))?;
-        if let Some(pump) = announce(ctx, source, id, &req, &mut wbuf)? {
+        if let Some(pump) = announce(ctx, source, id, &req, &mut master.wbuf)? {
             // The receiver lives as long as this request's task.
             drop(pumps.send(pump));
         }
-        if wbuf.len() >= WRITE_BATCH {
-            write_buf(
-                &mut master,
-                &mut wbuf,
-                ctx.cfg.master_write_timeout,
-                Timeout::MasterWrite,
-            )
-            .await?;
+        if master.wbuf.len() >= WRITE_BATCH {
+            master.write().await?;
         }
     }
-    MasterMsg::encode_end(&mut wbuf);
-    write_buf(
-        &mut master,
-        &mut wbuf,
-        ctx.cfg.master_write_timeout,
-        Timeout::MasterWrite,
-    )
-    .await?;
-    // Everything was said; a client that is gone by now lost nothing.
-    if let Err(e) = with_timeout(
-        ctx.cfg.master_write_timeout,
-        Timeout::MasterWrite,
-        master.shutdown(),
-    )
-    .await
-    {
-        tracing::debug!("closing a master: {e}");
+    master.end().await
+}
+
+/// The serving and sourcing deadlines, whichever comes first, and which one it is.
+fn first_deadline(
+    serving: Option<Instant>,
+    sourcing: Option<Instant>,
+) -> Option<(Instant, Timeout)> {
+    match (serving, sourcing) {
+        (Some(a), Some(b)) if a <= b => Some((a, Timeout::Serving)),
+        (Some(_), Some(b)) => Some((b, Timeout::Sourcing)),
+        (Some(a), None) => Some((a, Timeout::Serving)),
+        (None, Some(b)) => Some((b, Timeout::Sourcing)),
+        (None, None) => None,
     }
-    Ok(())
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -196,25 +141,64 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-async fn fail_master<M: Multiplexer>(
-    ctx: &Ctx<M>,
-    master: &mut M::Stream,
-    wbuf: &mut BytesMut,
-    e: &Error,
-) {
-    if let Err(too_long) = MasterMsg::Error(e.to_string()).encode(wbuf) {
-        tracing::debug!("request failure not sent: {too_long}");
-    } else if write_buf(
-        master,
-        wbuf,
-        ctx.cfg.master_write_timeout,
-        Timeout::MasterWrite,
-    )
-    .await
-    .is_ok()
-    {
-        // The error was said; if the close fails the client is gone anyway.
-        drop(master.shutdown().await);
+/// The server's side of a master stream: the stream and its write batch.
+struct Master<'a, M: Multiplexer> {
+    ctx: &'a Ctx<M>,
+    s: M::Stream,
+    wbuf: BytesMut,
+}
+
+impl<M: Multiplexer> Master<'_, M> {
+    async fn write(&mut self) -> Result<()> {
+        let t = self.ctx.cfg.master_write_timeout;
+        write_buf(&mut self.s, &mut self.wbuf, t, Timeout::MasterWrite).await
+    }
+
+    /// Waits for the source function's next item, once what was announced so far is
+    /// written. Ends the request early when the client leaves, the service shuts down
+    /// or the serving or sourcing timeout passes (that one is told to the client).
+    async fn next_source<S: Stream + Unpin>(
+        &mut self,
+        sources: &mut S,
+        serving_deadline: Option<Instant>,
+    ) -> Result<Option<S::Item>> {
+        self.write().await?;
+        let sourcing = self.ctx.cfg.sourcing_timeout.map(|t| Instant::now() + t);
+        let deadline = first_deadline(serving_deadline, sourcing);
+        // A read on the master returns only when the client is gone (it never writes
+        // or closes its half): that cancels the request.
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            item = sources.next() => Ok(item),
+            _ = self.ctx.cancel.cancelled() => Err(Error::Closed),
+            r = self.s.read(&mut probe) => Err(r.map_or_else(from_io, |_| Error::Reset)),
+            _ = sleep_until(deadline.map(|d| d.0)) => {
+                self.fail(Error::Timeout(deadline.expect("armed").1)).await
+            }
+        }
+    }
+
+    /// Says END and closes the master.
+    async fn end(mut self) -> Result<()> {
+        MasterMsg::encode_end(&mut self.wbuf);
+        self.write().await?;
+        // Everything was said; a client that is gone by now lost nothing.
+        let t = self.ctx.cfg.master_write_timeout;
+        if let Err(e) = with_timeout(t, Timeout::MasterWrite, self.s.shutdown()).await {
+            tracing::debug!("closing a master: {e}");
+        }
+        Ok(())
+    }
+
+    /// Tells the client the request failed (ERROR, then close), and returns `e`.
+    async fn fail<T>(&mut self, e: Error) -> Result<T> {
+        if let Err(too_long) = MasterMsg::Error(e.to_string()).encode(&mut self.wbuf) {
+            tracing::debug!("request failure not sent: {too_long}");
+        } else if self.write().await.is_ok() {
+            // The error was said; if the close fails the client is gone anyway.
+            drop(self.s.shutdown().await);
+        }
+        Err(e)
     }
 }
 
