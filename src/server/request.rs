@@ -271,3 +271,30 @@ async fn read_request<R: AsyncRead + Unpin>(r: &mut R, codec: &FrameCodec) -> Re
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_earlier_deadline_wins_and_says_which_it_is() {
+        let t0 = Instant::now();
+        let (a, b) = (t0 + std::time::Duration::from_secs(1), t0);
+        assert_eq!(first_deadline(None, None), None);
+        assert_eq!(first_deadline(Some(a), None), Some((a, Timeout::Serving)));
+        assert_eq!(first_deadline(None, Some(a)), Some((a, Timeout::Sourcing)));
+        assert_eq!(
+            first_deadline(Some(a), Some(b)),
+            Some((b, Timeout::Sourcing))
+        );
+        assert_eq!(
+            first_deadline(Some(b), Some(a)),
+            Some((b, Timeout::Serving))
+        );
+        // A tie is the serving timeout: the request's own limit.
+        assert_eq!(
+            first_deadline(Some(a), Some(a)),
+            Some((a, Timeout::Serving))
+        );
+    }
+}
