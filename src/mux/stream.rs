@@ -11,7 +11,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use futures::future::poll_fn;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
@@ -311,28 +311,37 @@ impl OpenReader {
     }
 }
 
-/// The least room a read of a framed stream gets when no big frame is expected.
-/// Reads fill what is free in the buffer, so a buffer that grew reads more at once;
-/// a small floor keeps the memory of thousands of idle streams small.
+/// The least room a read of a framed stream gets when no big frame is expected: a
+/// small floor keeps the memory of thousands of idle streams small.
 const MIN_READ: usize = 8 * 1024;
+
+/// The most room one read is given. A reader behind `tokio_util::compat` (a yamux
+/// stream) zeroes all the room it is given on every read, whatever arrives: without
+/// a cap, reading a big frame whose room was reserved whole would zero what is left
+/// of it each time (quadratic). yamux rarely returns more than this (its window).
+const MAX_READ: usize = 256 * 1024;
 
 /// Reads once from a framed stream into `buf`, after what it holds, for `codec` to
 /// decode: how many bytes came, 0 at the end of the stream (for a chanserv stream
 /// that has not said END or ABORT, that is a cut: [`Error::Reset`]; see
 /// [`FrameCodec::check_eof`] to tell a truncated frame), or the stream's error.
 ///
-/// It reads into `buf`'s spare capacity, which is not zeroed (no copy through a
-/// scratch buffer, no zeroing): when the next frame is big, room for all of it
-/// (`codec.bytes_needed`, never above the codec's limit) is reserved first, so the
-/// frame arrives without regrowth copies; otherwise at least [`MIN_READ`] bytes.
+/// When the next frame is big, room for all of it (`codec.bytes_needed`, never above
+/// the codec's limit) is reserved first, so it arrives without regrowth copies;
+/// otherwise at least [`MIN_READ`] bytes. Each read then goes straight into `buf`'s
+/// spare capacity (`tokio_util::io::poll_read_buf`, at most [`MAX_READ`] of it): no
+/// scratch buffer, no copy, and a tokio-native reader (TCP, an in-memory pipe)
+/// zeroes nothing.
 pub(crate) fn poll_read_frames<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     cx: &mut Context<'_>,
     codec: &FrameCodec,
     buf: &mut BytesMut,
 ) -> Poll<Result<usize>> {
-    buf.reserve(codec.bytes_needed(buf).max(MIN_READ));
-    tokio_util::io::poll_read_buf(Pin::new(r), cx, buf).map_err(from_io)
+    let needed = codec.bytes_needed(buf);
+    buf.reserve(needed.max(MIN_READ));
+    let mut room = buf.limit(needed.clamp(MIN_READ, MAX_READ));
+    tokio_util::io::poll_read_buf(Pin::new(r), cx, &mut room).map_err(from_io)
 }
 
 /// [`poll_read_frames`] as a future.
@@ -342,4 +351,68 @@ pub(crate) async fn read_frames<R: AsyncRead + Unpin + ?Sized>(
     buf: &mut BytesMut,
 ) -> Result<usize> {
     poll_fn(|cx| poll_read_frames(r, cx, codec, buf)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hands out `data` at most `step` bytes a read, noting the most room it was given.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+        most_room: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            self.most_room = self.most_room.max(buf.remaining());
+            let n = self
+                .step
+                .min(buf.remaining())
+                .min(self.data.len() - self.at);
+            buf.put_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_big_frame_gets_its_room_once_and_is_read_in_capped_pieces() {
+        let codec = FrameCodec::new();
+        let payload = vec![7u8; 4 << 20];
+        let mut wire = BytesMut::new();
+        codec.encode(&payload, &mut wire).unwrap();
+        let mut r = Trickle {
+            data: wire.to_vec(),
+            at: 0,
+            step: 64 * 1024,
+            most_room: 0,
+        };
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut buf = BytesMut::new();
+        let mut read = |buf: &mut BytesMut| match poll_read_frames(&mut r, &mut cx, &codec, buf) {
+            Poll::Ready(Ok(n)) => n,
+            other => panic!("{other:?}"),
+        };
+        // The first read learns the header; from the second on, the room is the frame's.
+        assert!(read(&mut buf) > 0);
+        assert!(read(&mut buf) > 0);
+        let room = buf.as_ptr();
+        while read(&mut buf) > 0 {
+            assert_eq!(buf.as_ptr(), room, "the frame's room was reserved once");
+        }
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap(), payload);
+        assert!(
+            r.most_room <= MAX_READ,
+            "a read was given {} bytes",
+            r.most_room
+        );
+    }
 }
