@@ -10,6 +10,8 @@
 //!   open header and the acceptor's status byte, the control messages.
 //! - `chanserv` — "chanserv": the request, the server's messages on the master stream,
 //!   the prefix of a child stream.
+//! - `fuzzing` (only with `--cfg fuzzing`) — every decoder above behind one function,
+//!   for the fuzz targets in `fuzz/`; public as `chanserv::fuzzing`.
 //!
 //! Encoders append to a caller's `BytesMut`; decoders take bytes (a frame's body, or a
 //! fixed-size prefix) and return an [`Error`](crate::Error) on bad input, never panic
