@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures::stream::{FusedStream, FuturesUnordered, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -21,11 +21,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, FRAME_SIZE_LIMIT};
-use crate::mux::{from_io, Addr, DialOptions, Listener, Multiplexer};
-use crate::source::{
-    poll_read_append, BoxRead, ChildStream, Meta, RemoteFrames, RequestTag, Source,
-};
-use crate::wire::{MasterMsg, RequestMsg, CHILD_PREFIX_LEN};
+use crate::mux::{from_io, poll_read_frames, Addr, DialOptions, Listener, Multiplexer};
+use crate::proto::chanserv::{ChildPrefix, MasterMsg, RequestMsg};
+use crate::source::{BoxRead, ChildStream, Meta, RemoteFrames, RequestTag, Source};
 
 use crate::error::ErrorFn;
 
@@ -291,7 +289,7 @@ impl<M: Multiplexer> Client<M> {
         };
         let codec = FrameCodec::new().with_limit(c.cfg.frame_size_limit);
         let mut buf = BytesMut::new();
-        codec.encode(&msg.encode()?, &mut buf)?;
+        msg.encode(codec.limit(), &mut buf)?;
         let write = async {
             master.write_all(&buf).await?;
             master.flush().await
@@ -438,9 +436,8 @@ impl Sources {
         let Some(master) = self.master.as_mut() else {
             return Poll::Ready(Err(Error::Reset));
         };
-        let want = self.codec.bytes_needed(&self.buf).clamp(4096, 64 * 1024);
-        match ready!(poll_read_append(master, cx, &mut self.buf, want)) {
-            Err(e) => Poll::Ready(Err(from_io(e))),
+        match ready!(poll_read_frames(master, cx, &self.codec, &mut self.buf)) {
+            Err(e) => Poll::Ready(Err(e)),
             Ok(0) => Poll::Ready(Err(Error::Reset)),
             Ok(_) => Poll::Ready(Ok(())),
         }
@@ -526,10 +523,10 @@ async fn accept_children<L: Listener>(
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok((mut s, _)) => prefixes.push(async move {
-                    let mut p = [0u8; CHILD_PREFIX_LEN];
+                    let mut p = [0u8; ChildPrefix::LEN];
                     let r = tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut p)).await;
                     match r {
-                        Ok(Ok(_)) => Ok((p, s)),
+                        Ok(Ok(_)) => ChildPrefix::decode(&p).map(|p| (p, s)),
                         Ok(Err(e)) => Err(from_io(e)),
                         Err(_) => Err(Error::Timeout(Timeout::ChanAccept)),
                     }
@@ -538,8 +535,7 @@ async fn accept_children<L: Listener>(
             },
             Some(r) = prefixes.next(), if !prefixes.is_empty() => match r {
                 Ok((p, s)) => {
-                    let mut p = &p[..];
-                    let key = (p.get_u64_le(), p.get_u32_le());
+                    let key = (p.request, p.source);
                     let s: BoxRead = Box::new(s);
                     let mut r = routes.lock().unwrap();
                     if !r.live.contains(&key.0) {

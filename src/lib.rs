@@ -46,20 +46,24 @@
 //! ```
 //!
 //! ## Layout
-//! - [`frame`] — the frame codec: length prefix, LZ4 flag, limits. No I/O.
+//! - `proto/` — every byte layout, no I/O and no clocks; one file per section of
+//!   `PROTOCOL.md`, each message's `encode` and `decode` side by side: [`frame`] (the
+//!   frame codec: length prefix, LZ4 flag, END/ABORT, limits), `link` (handshake,
+//!   stream open header and status, control messages), `chanserv` (request, master
+//!   messages, child-stream prefix).
 //! - `mux/` — the [`Multiplexer`] trait and [`Node`], the yamux-based mesh. Its rooms:
 //!   `node` (the facade, one accept loop for TCP and Unix), `config` ([`NodeConfig`]),
 //!   `registry` (binds, peer names, routing, rendezvous buckets), `link` (handshake,
 //!   the yamux driver, a link from up to closed), `control` (keep-alive as a state
 //!   machine, names, rotation), `join` ([`Joined`]: one reconnect loop per address),
-//!   `stream` ([`MuxStream`]), `budget` (the per-link send budget), `lifeline` (how a
-//!   dead link fails every stream on it).
+//!   `stream` ([`MuxStream`], and the one read of every framed stream), `budget`
+//!   (the per-link send budget), `lifeline` (how a dead link fails every stream on
+//!   it).
 //! - `server/` — [`Server`]: `config`, `request` (reads a request, runs your source
 //!   function, announces the sources), `pump` (one source's child stream, batched,
 //!   watched for the client leaving).
 //! - `client` — [`Client`]: [`Client::lookup_and_post`] returns [`Sources`].
 //! - `source` — [`Source`], [`Meta`], [`Request`], [`RequestTag`]: shared by both sides.
-//! - `wire` — the chanserv messages on master and child streams.
 //!
 //! ## Semantics
 //! - **Completion is not failure.** A finished source ends with `None`; a source cut
@@ -99,30 +103,18 @@
 
 mod client;
 mod error;
-pub mod frame;
 mod mux;
+mod proto;
 mod server;
 mod source;
-mod wire;
+
+pub use proto::frame;
 
 /// The crate's private decoders, for the fuzz targets in `fuzz/` (built with
 /// `--cfg fuzzing` by cargo-fuzz). Not part of the API.
 #[cfg(fuzzing)]
 #[doc(hidden)]
-pub mod fuzzing {
-    use bytes::Bytes;
-
-    /// Decodes `data` as a request, a master message and a NAMES control message.
-    /// Returns how many of the three decoded.
-    pub fn decode_all(data: &[u8]) -> usize {
-        let b = Bytes::copy_from_slice(data);
-        let r = crate::wire::RequestMsg::decode(b.clone()).is_ok();
-        let m = crate::wire::MasterMsg::decode(b.clone()).is_ok();
-        let names = crate::mux::parse_names(b);
-        assert!(names.iter().all(|n| n.len() <= 255 * 3));
-        usize::from(r) + usize::from(m) + 1
-    }
-}
+pub use proto::fuzzing;
 
 pub use bytes::Bytes;
 pub use client::{Client, ClientConfig, Sources};

@@ -16,12 +16,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{FusedStream, Stream, StreamExt};
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::AsyncRead;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{BoxError, Error, Result, Timeout};
 use crate::frame::{FrameCodec, Item};
-use crate::mux::{from_io, Addr};
+use crate::mux::{poll_read_frames, Addr};
 
 /// A tag sent with a request (Go's `RequestTag`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -318,10 +318,6 @@ pub(crate) struct RemoteFrames {
     pub(crate) _guard: Option<Arc<dyn Send + Sync>>,
 }
 
-/// Largest single read into a big frame's room: yamux's frames are 256 KiB, so a read
-/// rarely returns more.
-const BIG_READ: usize = 256 * 1024;
-
 impl RemoteFrames {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
         loop {
@@ -386,18 +382,8 @@ impl RemoteFrames {
                 ChildStream::Done => return Poll::Ready(Err(Error::Reset)),
             }
         };
-        // Small frames: read what is there (up to 16 KiB) through the scratch buffer.
-        // A big frame: make room for all of it at once (no regrowth copies), then read
-        // it in pieces no larger than yamux's frames, so each byte is zeroed once.
-        let needed = self.codec.bytes_needed(&self.buf);
-        let want = if needed > SCRATCH_LEN {
-            self.buf.reserve(needed);
-            needed.min(BIG_READ)
-        } else {
-            SCRATCH_LEN
-        };
-        match ready!(poll_read_append(stream, cx, &mut self.buf, want)) {
-            Err(e) => Poll::Ready(Err(from_io(e))),
+        match ready!(poll_read_frames(stream, cx, &self.codec, &mut self.buf)) {
+            Err(e) => Poll::Ready(Err(e)),
             // The stream ended without its END (mid-frame or not): it was cut.
             Ok(0) => Poll::Ready(Err(Error::Reset)),
             Ok(_) => Poll::Ready(Ok(())),
@@ -423,50 +409,3 @@ impl RemoteFrames {
 }
 
 use std::future::Future;
-
-/// Reads up to `want` bytes onto the end of `buf` (`Ok(0)` at end of stream), so `buf`
-/// only ever grows by bytes that came.
-///
-/// Safe code cannot read into uninitialised memory, so the room must be zeroed first.
-/// A large read (a big frame expected) zeroes its room in `buf` and cuts it back to
-/// what arrived. A small one reads into a zeroed scratch buffer kept per thread and
-/// appends what arrived: with thousands of streams most reads return a little, and
-/// copying that little is cheaper than zeroing the whole room each time.
-pub(crate) fn poll_read_append<R: AsyncRead + Unpin + ?Sized>(
-    r: &mut R,
-    cx: &mut Context<'_>,
-    buf: &mut BytesMut,
-    want: usize,
-) -> Poll<std::io::Result<usize>> {
-    // A reader that itself reads through this function on the same thread (a custom
-    // multiplexer) finds the scratch busy and takes the zeroing path.
-    let scratch = SCRATCH.with(|s| s.clone());
-    let Some(mut scratch) = scratch
-        .try_borrow_mut()
-        .ok()
-        .filter(|_| want <= SCRATCH_LEN)
-    else {
-        let start = buf.len();
-        buf.resize(start + want, 0);
-        let mut rb = ReadBuf::new(&mut buf[start..]);
-        let res = Pin::new(r).poll_read(cx, &mut rb);
-        let n = rb.filled().len();
-        buf.truncate(start + n);
-        return res.map(|r| r.map(|()| n));
-    };
-    let mut rb = ReadBuf::new(&mut scratch[..want]);
-    let res = Pin::new(r).poll_read(cx, &mut rb);
-    let n = rb.filled().len();
-    if buf.capacity() - buf.len() < n {
-        buf.reserve(n.max(4096));
-    }
-    buf.extend_from_slice(rb.filled());
-    res.map(|r| r.map(|()| n))
-}
-
-const SCRATCH_LEN: usize = 16 * 1024;
-
-thread_local! {
-    static SCRATCH: std::rc::Rc<std::cell::RefCell<Vec<u8>>> =
-        std::rc::Rc::new(std::cell::RefCell::new(vec![0; SCRATCH_LEN]));
-}

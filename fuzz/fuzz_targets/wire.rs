@@ -1,6 +1,7 @@
-//! Feeds arbitrary bytes to the chanserv message decoders (request, master message)
-//! and the NAMES control message parser: they must return an error, never panic or
-//! allocate beyond the input.
+//! Feeds arbitrary bytes to every message decoder of `src/proto/` (request, master
+//! message, child-stream prefix, handshake, open header, status byte, control message,
+//! the items of a chanserv stream): they must return an error, never panic or allocate
+//! beyond the input, and whatever decodes must encode back to itself.
 //!
 //! `RUSTC_BOOTSTRAP=1 cargo fuzz run wire -- -max_total_time=300` (see README).
 #![no_main]
@@ -9,5 +10,5 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let n = chanserv::fuzzing::decode_all(data);
-    assert!((1..=3).contains(&n));
+    assert!(n <= chanserv::fuzzing::DECODERS);
 });

@@ -5,20 +5,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
 
 use super::link::{hex, Link};
 use super::node::Inner;
-use super::registry::parse_names;
-use super::stream::MuxStream;
-use super::{CTL_NAMES, CTL_PING, CTL_PONG, CTL_ROTATE};
-use crate::frame::FrameCodec;
-
-/// Largest control message: a NAMES message of thousands of names fits.
-const CONTROL_LIMIT: usize = 16 << 20;
+use super::stream::{read_frames, MuxStream};
+use crate::error::Result;
+use crate::proto::frame::FrameCodec;
+use crate::proto::link::{Control, CONTROL_LIMIT};
 
 /// What keep-alive asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +69,25 @@ impl KeepAlive {
     }
 }
 
+/// What one turn of the control loop decided.
+enum Turn {
+    /// Go on (after writing what the turn queued).
+    Go,
+    /// The link must close: true when it retired after a rotation.
+    Exit(bool),
+}
+
+/// A control loop's state between turns, but for its reading half (which the
+/// loop's `select!` borrows while the other branches wait).
+struct ControlLoop<'a> {
+    inner: &'a Inner,
+    link: &'a Arc<Link>,
+    writer: MuxStream,
+    codec: FrameCodec,
+    wbuf: BytesMut,
+    ka: KeepAlive,
+}
+
 impl Inner {
     /// The link's control loop: names, pings, rotation. Returns when the link must
     /// close: true when it retired after a rotation, false when it died or was
@@ -82,95 +98,81 @@ impl Inner {
         mut out: mpsc::UnboundedReceiver<Bytes>,
         inbound: oneshot::Receiver<MuxStream>,
     ) -> bool {
-        let opened = tokio::select! {
-            _ = link.cancel.cancelled() => return false,
-            r = timeout(self.cfg.keepalive_timeout, self.open_control(link)) => r,
+        let Some(writer) = self.open_control_in_time(link).await else {
+            return false;
         };
-        let mut writer = match opened {
-            Ok(Ok(w)) => w,
-            Ok(Err(e)) => {
-                tracing::debug!(peer = %hex(link.peer), "control stream: {e}");
-                return false;
-            }
-            Err(_) => {
-                tracing::warn!(peer = %hex(link.peer), "control stream: keep-alive timeout");
-                return false;
-            }
+        let cfg = &self.cfg;
+        let mut ctl = ControlLoop {
+            inner: &self,
+            link,
+            writer,
+            codec: FrameCodec::new().with_limit(CONTROL_LIMIT),
+            wbuf: BytesMut::new(),
+            ka: KeepAlive::new(
+                Instant::now(),
+                cfg.keepalive_interval,
+                cfg.keepalive_timeout,
+            ),
         };
-        let codec = FrameCodec::new().with_limit(CONTROL_LIMIT);
+        let codec = ctl.codec;
         let mut reader: Option<MuxStream> = None;
         let mut inbound = Some(inbound);
-        let (mut rbuf, mut wbuf) = (BytesMut::new(), BytesMut::new());
-        let mut ka = KeepAlive::new(
-            Instant::now(),
-            self.cfg.keepalive_interval,
-            self.cfg.keepalive_timeout,
-        );
-        let encode = |m: &[u8], wbuf: &mut BytesMut| {
-            if let Err(e) = codec.encode(m, wbuf) {
-                tracing::error!(peer = %hex(link.peer), "control message not sent: {e}");
-            }
-        };
+        let mut rbuf = BytesMut::new();
         loop {
-            tokio::select! {
-                _ = link.cancel.cancelled() => return link.is_draining(),
-                _ = tokio::time::sleep_until(ka.deadline()) => match ka.poll(Instant::now()) {
-                    Some(KeepAliveAction::Dead) => {
-                        tracing::warn!(peer = %hex(link.peer), "link: keep-alive timeout");
-                        return false;
-                    }
-                    Some(KeepAliveAction::Ping) => encode(&[CTL_PING], &mut wbuf),
-                    None => continue,
+            let turn = tokio::select! {
+                _ = link.cancel.cancelled() => Turn::Exit(link.is_draining()),
+                _ = tokio::time::sleep_until(ctl.ka.deadline()) => ctl.on_timer(),
+                _ = link.idle.notified() => match link.is_draining() && self.retirable(link) {
+                    true => Turn::Exit(true),
+                    false => Turn::Go,
                 },
-                _ = link.idle.notified() => {
-                    if link.is_draining() && self.retirable(link) {
-                        return true;
-                    }
-                    continue;
-                }
                 m = out.recv() => match m {
-                    Some(m) => encode(&m, &mut wbuf),
-                    None => return false,
+                    // Whole frames already (see `Link::send_control`).
+                    Some(m) => {
+                        ctl.wbuf.extend_from_slice(&m);
+                        Turn::Go
+                    }
+                    None => Turn::Exit(false),
                 },
                 s = async { inbound.as_mut().expect("guarded").await }, if inbound.is_some() => {
                     inbound = None;
                     match s {
-                        Ok(s) => reader = Some(s),
-                        Err(_) => return false,
-                    }
-                    continue;
-                }
-                n = async { reader.as_mut().expect("guarded").read_buf(&mut rbuf).await }, if reader.is_some() => {
-                    match n {
-                        Ok(0) | Err(_) => return link.is_draining(),
-                        Ok(_) => ka.heard(Instant::now()),
-                    }
-                    loop {
-                        match codec.decode(&mut rbuf) {
-                            Ok(Some(msg)) => {
-                                if let Some(reply) = self.on_control(link, msg) {
-                                    encode(reply, &mut wbuf);
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                tracing::warn!(peer = %hex(link.peer), "bad control message: {e}");
-                                return false;
-                            }
+                        Ok(s) => {
+                            reader = Some(s);
+                            Turn::Go
                         }
+                        Err(_) => Turn::Exit(false),
                     }
                 }
+                r = async {
+                    read_frames(reader.as_mut().expect("guarded"), &codec, &mut rbuf).await
+                }, if reader.is_some() => ctl.on_read(r, &mut rbuf),
+            };
+            if let Turn::Exit(retired) = turn {
+                return retired;
             }
-            if !wbuf.is_empty() {
-                let send = async {
-                    writer.write_all(&wbuf).await?;
-                    writer.flush().await
-                };
-                if !matches!(timeout(self.cfg.keepalive_timeout, send).await, Ok(Ok(()))) {
-                    tracing::warn!(peer = %hex(link.peer), "link: control write failed");
-                    return false;
-                }
-                wbuf.clear();
+            if !ctl.flush().await {
+                return false;
+            }
+        }
+    }
+
+    /// Opens this side's control stream, within the keep-alive timeout; `None` when
+    /// the link is cancelled first or the stream does not open.
+    async fn open_control_in_time(&self, link: &Arc<Link>) -> Option<MuxStream> {
+        let opened = tokio::select! {
+            _ = link.cancel.cancelled() => return None,
+            r = timeout(self.cfg.keepalive_timeout, self.open_control(link)) => r,
+        };
+        match opened {
+            Ok(Ok(w)) => Some(w),
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %hex(link.peer), "control stream: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(peer = %hex(link.peer), "control stream: keep-alive timeout");
+                None
             }
         }
     }
@@ -194,16 +196,20 @@ impl Inner {
         true
     }
 
-    /// Handles one control message; returns the reply to send, if any.
-    fn on_control(&self, link: &Arc<Link>, mut msg: Bytes) -> Option<&'static [u8]> {
-        if msg.is_empty() {
-            return None;
-        }
-        match msg.get_u8() {
-            CTL_PING => return Some(&[CTL_PONG]),
-            CTL_PONG => {}
-            CTL_NAMES => {
-                let names = parse_names(msg);
+    /// Handles one control message (a frame's body); returns the reply, if any.
+    fn on_control(&self, link: &Arc<Link>, body: Bytes) -> Option<Control> {
+        let msg = match Control::decode(body) {
+            Ok(msg) => msg,
+            // An empty message says nothing; it was always ignored.
+            Err(e) => {
+                tracing::debug!(peer = %hex(link.peer), "control message ignored: {e}");
+                return None;
+            }
+        };
+        match msg {
+            Control::Ping => return Some(Control::Pong),
+            Control::Pong => {}
+            Control::Names(names) => {
                 tracing::debug!(peer = %hex(link.peer), ?names, "peer names");
                 self.state
                     .lock()
@@ -212,10 +218,79 @@ impl Inner {
                     .insert(link.peer, names);
                 self.names_changed.notify_waiters();
             }
-            CTL_ROTATE => link.rotate(),
-            other => tracing::debug!(peer = %hex(link.peer), "unknown control message {other}"),
+            Control::Rotate => link.rotate(),
+            Control::Unknown(k) => {
+                tracing::debug!(peer = %hex(link.peer), "unknown control message {k}")
+            }
         }
         None
+    }
+}
+
+impl ControlLoop<'_> {
+    /// Keep-alive's deadline passed: ping, or declare the link dead.
+    fn on_timer(&mut self) -> Turn {
+        match self.ka.poll(Instant::now()) {
+            Some(KeepAliveAction::Dead) => {
+                tracing::warn!(peer = %hex(self.link.peer), "link: keep-alive timeout");
+                Turn::Exit(false)
+            }
+            Some(KeepAliveAction::Ping) => {
+                self.queue(&Control::Ping);
+                Turn::Go
+            }
+            None => Turn::Go,
+        }
+    }
+
+    /// A read of the peer's control stream returned: handle every whole message.
+    fn on_read(&mut self, read: Result<usize>, rbuf: &mut BytesMut) -> Turn {
+        if !matches!(read, Ok(1..)) {
+            // The peer closed it (or the link failed): a retiring link ends so.
+            return Turn::Exit(self.link.is_draining());
+        }
+        self.ka.heard(Instant::now());
+        loop {
+            match self.codec.decode(rbuf) {
+                Ok(Some(body)) => {
+                    if let Some(reply) = self.inner.on_control(self.link, body) {
+                        self.queue(&reply);
+                    }
+                }
+                Ok(None) => return Turn::Go,
+                Err(e) => {
+                    tracing::warn!(peer = %hex(self.link.peer), "bad control message: {e}");
+                    return Turn::Exit(false);
+                }
+            }
+        }
+    }
+
+    fn queue(&mut self, msg: &Control) {
+        if let Err(e) = msg.encode(&mut self.wbuf) {
+            tracing::error!(peer = %hex(self.link.peer), "control message not sent: {e}");
+        }
+    }
+
+    /// Writes what was queued, within the keep-alive timeout; false when that failed
+    /// (the link is then dead).
+    async fn flush(&mut self) -> bool {
+        if self.wbuf.is_empty() {
+            return true;
+        }
+        let send = async {
+            self.writer.write_all(&self.wbuf).await?;
+            self.writer.flush().await
+        };
+        if !matches!(
+            timeout(self.inner.cfg.keepalive_timeout, send).await,
+            Ok(Ok(()))
+        ) {
+            tracing::warn!(peer = %hex(self.link.peer), "link: control write failed");
+            return false;
+        }
+        self.wbuf.clear();
+        true
     }
 }
 

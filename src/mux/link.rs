@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures::future::poll_fn;
 use futures::{AsyncRead as FAsyncRead, AsyncWrite as FAsyncWrite};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
@@ -28,11 +28,9 @@ use super::join::LinkOwner;
 use super::lifeline::Lifeline;
 use super::node::Inner;
 use super::stream::{Io, MuxStream, OpenReader};
-use super::{
-    Addr, LinkEvent, NodeConfig, NodeId, CTL_ROTATE, HANDSHAKE_LEN, MAGIC, OPEN_CONTROL, OPEN_DIAL,
-    PROTOCOL_VERSION, STATUS_ACCEPTED, STATUS_NO_SUCH_ADDRESS, STATUS_REFUSED,
-};
+use super::{Addr, LinkEvent, NodeConfig, NodeId};
 use crate::error::{Error, Result, Timeout};
+use crate::proto::link::{Control, Handshake, Open, Status, HANDSHAKE_LEN};
 
 pub(super) type OpenReq = oneshot::Sender<yamux::Result<yamux::Stream>>;
 
@@ -64,8 +62,8 @@ impl Link {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Queues a control message. A link whose control loop has ended is closing: the
-    /// message has nobody left to reach.
+    /// Queues a control message (a whole frame, see [`control_frame`]). A link whose
+    /// control loop has ended is closing: the message has nobody left to reach.
     pub(super) fn send_control(&self, msg: Bytes) {
         if self.ctl_tx.send(msg).is_err() {
             tracing::trace!(peer = %hex(self.peer), "control message after close");
@@ -82,7 +80,7 @@ impl Link {
         tracing::debug!(peer = %hex(self.peer), "rotating link");
         match &self.owner {
             Some(owner) => owner.rotate.notify_one(),
-            None => self.send_control(Bytes::from_static(&[CTL_ROTATE])),
+            None => self.send_control(control_frame(&Control::Rotate)),
         }
     }
 
@@ -325,13 +323,13 @@ impl Inner {
         let first = open.poll(&mut s, &mut Context::from_waker(&waker));
         let (inner, link) = (self.clone(), link.clone());
         match first {
-            Poll::Ready(Ok(Some(target))) => {
+            Poll::Ready(Ok(Open::Dial(target))) => {
                 if let Some(s) = self.deliver_now(s, &target, &link) {
                     self.tasks
                         .spawn(async move { inner.deliver(s, target, link).await });
                 }
             }
-            Poll::Ready(Ok(None)) => match ctl_in.take() {
+            Poll::Ready(Ok(Open::Control)) => match ctl_in.take() {
                 // The control loop may have ended already: the link is closing.
                 Some(tx) => drop(tx.send(s)),
                 None => tracing::debug!(peer = %hex(link.peer), "second control stream refused"),
@@ -346,8 +344,8 @@ impl Inner {
                     )
                     .await;
                     match r {
-                        Ok(Ok(Some(target))) => inner.deliver(s, target, link).await,
-                        Ok(Ok(None)) => match ctl_in {
+                        Ok(Ok(Open::Dial(target))) => inner.deliver(s, target, link).await,
+                        Ok(Ok(Open::Control)) => match ctl_in {
                             Some(tx) => drop(tx.send(s)),
                             None => tracing::debug!("second control stream refused"),
                         },
@@ -364,7 +362,7 @@ impl Inner {
     /// waits to read: either ACKs the yamux stream (yamux stalls after 256 unacked
     /// opens). A refusal goes out at once instead.
     fn accepted(&self, mut s: MuxStream, link: &Arc<Link>) -> (MuxStream, Addr) {
-        s.header = Some(BytesMut::from(&[STATUS_ACCEPTED][..]));
+        s.header = Some(BytesMut::from(&[Status::Accepted.encode()][..]));
         (
             s.on_link(Active::new(link.clone()), None),
             Addr::new(link.peer, String::new()),
@@ -387,19 +385,19 @@ impl Inner {
     async fn deliver(&self, mut s: MuxStream, target: String, link: Arc<Link>) {
         let tx = self.state.lock().unwrap().listener_for(&target, self.id);
         let status = match tx {
-            None => STATUS_NO_SUCH_ADDRESS,
+            None => Status::NoSuchAddress,
             Some(tx) => match tx.reserve_owned().await {
                 Ok(permit) => {
                     permit.send(self.accepted(s, &link));
                     return;
                 }
-                Err(_) => STATUS_REFUSED,
+                Err(_) => Status::Refused,
             },
         };
         // The refusal is all the dialer gets; if it cannot be sent the dialer is gone
         // or the link is dying, and either way learns of it by itself.
         let refuse = async {
-            s.write_all(&[status]).await?;
+            s.write_all(&[status.encode()]).await?;
             s.shutdown().await
         };
         if let Err(e) = refuse.await {
@@ -411,7 +409,9 @@ impl Inner {
     pub(super) async fn open_control(&self, link: &Arc<Link>) -> Result<MuxStream> {
         let s = link.open().await?;
         let mut s = MuxStream::new(Io::yamux(s), link.life.watch(), None);
-        s.write_all(&[OPEN_CONTROL]).await?;
+        let mut header = BytesMut::new();
+        Open::Control.encode(&mut header)?;
+        s.write_all(&header).await?;
         s.flush().await?;
         Ok(s)
     }
@@ -425,12 +425,10 @@ impl Inner {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<MuxStream> {
         let link = active.link();
+        let mut header = BytesMut::new();
+        Open::Dial(target.to_owned()).encode(&mut header)?;
         let s = link.open().await?;
         link.count_open(self.cfg.rotate_after);
-        let mut header = BytesMut::with_capacity(2 + target.len());
-        header.put_u8(OPEN_DIAL);
-        header.put_u8(target.len() as u8);
-        header.put_slice(target.as_bytes());
         let s = MuxStream::new(Io::yamux(s), link.life.watch(), Some(header));
         Ok(s.on_link(active, Some(permit)))
     }
@@ -440,42 +438,35 @@ pub(super) fn hex(id: NodeId) -> String {
     format!("{id:016x}")
 }
 
+/// A whole control frame, for [`Link::send_control`].
+pub(super) fn control_frame(msg: &Control) -> Bytes {
+    let mut b = BytesMut::new();
+    if let Err(e) = msg.encode(&mut b) {
+        // Only NAMES can fail, and its names were checked when they were bound.
+        tracing::error!("control message not sent: {e}");
+    }
+    b.freeze()
+}
+
 async fn handshake<IO>(io: &mut IO, id: NodeId, cfg: &NodeConfig) -> Result<(NodeId, usize)>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut out = BytesMut::with_capacity(HANDSHAKE_LEN);
-    out.put_slice(MAGIC);
-    out.put_u16_le(PROTOCOL_VERSION);
-    out.put_u64_le(id);
-    out.put_u32_le(cfg.max_streams as u32);
-    io.write_all(&out).await?;
+    // `max_streams` is at most 1,000,000 (checked where it is set): it fits a u32.
+    let ours = Handshake::new(id, cfg.max_streams as u32);
+    io.write_all(&ours.encode()).await?;
     io.flush().await?;
     let mut inb = [0u8; HANDSHAKE_LEN];
     io.read_exact(&mut inb).await.map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => Error::Protocol("link closed during handshake".into()),
         _ => e.into(),
     })?;
-    let mut b = &inb[..];
-    if &b[..8] != MAGIC {
-        return Err(Error::Protocol(
-            "bad magic: the peer is not a chanserv node".into(),
-        ));
-    }
-    b.advance(8);
-    let theirs = b.get_u16_le();
-    if theirs != PROTOCOL_VERSION {
-        return Err(Error::VersionMismatch {
-            ours: PROTOCOL_VERSION,
-            theirs,
-        });
-    }
-    let peer = b.get_u64_le();
-    if peer == id {
+    let theirs = Handshake::decode(&inb)?;
+    if theirs.node == id {
         return Err(Error::Protocol("link to self".into()));
     }
-    let their_max = b.get_u32_le() as usize;
-    Ok((peer, cfg.max_streams.min(their_max.max(1))))
+    let their_max = theirs.max_streams as usize;
+    Ok((theirs.node, cfg.max_streams.min(their_max.max(1))))
 }
 
 /// The one task that owns a yamux connection: serves open requests and keeps

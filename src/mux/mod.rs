@@ -8,7 +8,7 @@
 //! (keep-alive and names on the control stream), `join` (a joined address's one
 //! reconnect loop), `stream` ([`MuxStream`]), `budget` (the per-link send budget),
 //! `lifeline` (how a dead link fails its streams). Byte layouts are in `PROTOCOL.md`
-//! ("Links", "Stream open", "Control stream").
+//! ("Links", "Stream open", "Control stream") and `proto/link.rs`.
 
 use std::fmt;
 use std::future::Future;
@@ -21,6 +21,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::ReusableBoxFuture;
 
 use crate::error::{Error, Result};
+use crate::proto::link::MAX_NAME_LEN;
 
 mod budget;
 mod config;
@@ -32,13 +33,12 @@ mod node;
 mod registry;
 mod stream;
 
+pub use crate::proto::link::PROTOCOL_VERSION;
 pub use config::NodeConfig;
 pub use join::Joined;
 pub use node::{Node, NodeListener};
-#[cfg(fuzzing)]
-pub(crate) use registry::parse_names;
-pub(crate) use stream::from_io;
 pub use stream::MuxStream;
+pub(crate) use stream::{from_io, poll_read_frames, read_frames};
 
 /// A node id: random, 64 bits, printed as 16 hex digits.
 pub type NodeId = u64;
@@ -150,7 +150,8 @@ enum VAddr {
 impl VAddr {
     fn parse(s: &str) -> Result<VAddr> {
         let bad = |why| Error::InvalidAddress(s.to_owned(), why);
-        if s.is_empty() || s.len() > 255 {
+        // The open header and NAMES carry an address in at most 255 bytes.
+        if s.is_empty() || s.len() > MAX_NAME_LEN {
             return Err(bad("must be 1 to 255 bytes"));
         }
         if s.contains('/') || s.chars().any(char::is_whitespace) {
@@ -301,25 +302,6 @@ impl From<Duration> for DialOptions {
         DialOptions::new(timeout)
     }
 }
-
-// ------------------------------------------------------------------ wire constants
-
-const MAGIC: &[u8; 8] = b"CHANSERV";
-/// Version of the link protocol (handshake, stream open, control stream, chanserv).
-pub const PROTOCOL_VERSION: u16 = 1;
-const HANDSHAKE_LEN: usize = 8 + 2 + 8 + 4;
-
-const OPEN_DIAL: u8 = 0;
-const OPEN_CONTROL: u8 = 1;
-
-const STATUS_ACCEPTED: u8 = 0;
-const STATUS_NO_SUCH_ADDRESS: u8 = 1;
-const STATUS_REFUSED: u8 = 2;
-
-const CTL_NAMES: u8 = 1;
-const CTL_PING: u8 = 2;
-const CTL_PONG: u8 = 3;
-const CTL_ROTATE: u8 = 4;
 
 #[cfg(test)]
 mod tests {

@@ -5,14 +5,15 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Weak};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use super::join::{JoinEntry, Rejoin};
 use super::link::{Active, Link};
 use super::stream::MuxStream;
-use super::{Addr, DialOptions, NodeId, VAddr, CTL_NAMES};
+use super::{Addr, DialOptions, NodeId, VAddr};
 use crate::error::{Error, Result};
+use crate::proto::link::Control;
 
 /// Everything behind the node's one lock.
 #[derive(Default)]
@@ -47,13 +48,16 @@ pub(super) enum Route {
 }
 
 impl State {
-    /// The NAMES control message announcing this node's service names.
+    /// The NAMES control message (a whole frame) announcing this node's service names.
     pub(super) fn names_message(&self) -> Bytes {
+        let names = self.binds.keys().filter(|k| !k.starts_with(':'));
+        let names = Control::Names(names.cloned().collect());
         let mut m = BytesMut::new();
-        m.put_u8(CTL_NAMES);
-        for name in self.binds.keys().filter(|k| !k.starts_with(':')) {
-            m.put_u8(name.len() as u8);
-            m.put_slice(name.as_bytes());
+        // Binding admits names of at most 255 bytes (`VAddr::parse`), which is what
+        // NAMES carries; a message over the control limit would take some 65,000
+        // names of that length.
+        if let Err(e) = names.encode(&mut m) {
+            tracing::error!("names not announced: {e}");
         }
         m.freeze()
     }
@@ -174,21 +178,6 @@ impl State {
     }
 }
 
-/// A NAMES control message's body: `len u8, name` repeated; a truncated tail is
-/// ignored.
-pub(crate) fn parse_names(mut msg: Bytes) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    while msg.remaining() >= 1 {
-        let n = msg.get_u8() as usize;
-        if msg.remaining() < n {
-            break;
-        }
-        let name = msg.split_to(n);
-        names.insert(String::from_utf8_lossy(&name).into_owned());
-    }
-    names
-}
-
 /// Highest-random-weight (rendezvous) score: the node with the highest score for a
 /// bucket serves it, so when a node leaves only its buckets move.
 pub(super) fn hrw(node: NodeId, bucket: &str) -> u64 {
@@ -242,7 +231,7 @@ mod tests {
     }
 
     #[test]
-    fn names_round_trip_and_truncated_tails_are_ignored() {
+    fn names_message_names_the_bound_services_not_ports() {
         let mut st = State::default();
         for n in ["a", "search:7"] {
             let (tx, _rx) = mpsc::channel(1);
@@ -250,11 +239,14 @@ mod tests {
         }
         let (tx, _rx) = mpsc::channel(1);
         st.binds.insert(":9".into(), Binding { id: 0, tx });
-        let mut m = st.names_message();
-        assert_eq!(m.get_u8(), CTL_NAMES);
-        let names = parse_names(m.clone());
+        let mut m = BytesMut::from(st.names_message());
+        let body = crate::frame::FrameCodec::new()
+            .decode(&mut m)
+            .unwrap()
+            .unwrap();
+        let Ok(Control::Names(names)) = Control::decode(body) else {
+            panic!("not a NAMES message");
+        };
         assert_eq!(names.into_iter().collect::<Vec<_>>(), ["a", "search:7"]);
-        let cut = m.slice(..m.len() - 1);
-        assert_eq!(parse_names(cut).len(), 1);
     }
 }

@@ -1,5 +1,7 @@
 //! [`MuxStream`], the byte stream a [`Node`](super::Node) hands out, and the reader of
-//! a stream's open header. A stream owns its yamux stream (or in-memory pipe), its
+//! a stream's open header, and [`poll_read_frames`], the one read of every framed
+//! stream of the crate (it sits next to [`from_io`], whose errors it returns, so the
+//! control loop, the client and the server share it). A stream owns its yamux stream (or in-memory pipe), its
 //! slot on the link, what it still owes the peer (open header or accepted status),
 //! and its watch on the link's lifeline: when the link dies, a parked read or write
 //! fails with [`Error::LinkClosed`] instead of waiting forever.
@@ -9,15 +11,16 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use futures::future::poll_fn;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::lifeline::{Half, Watch};
 use super::link::Active;
-use super::{OPEN_CONTROL, OPEN_DIAL, STATUS_ACCEPTED, STATUS_NO_SUCH_ADDRESS, STATUS_REFUSED};
 use crate::error::{Error, Result};
+use crate::proto::frame::FrameCodec;
+use crate::proto::link::{Open, Partial, Status};
 
 pub(super) type YamuxIo = tokio_util::compat::Compat<yamux::Stream>;
 
@@ -123,11 +126,11 @@ impl MuxStream {
         let mut rb = ReadBuf::new(&mut b);
         ready!(self.poll_io_read(cx, &mut rb))?;
         self.status_pending = false;
-        let err = match rb.filled().first() {
-            Some(&STATUS_ACCEPTED) => return Poll::Ready(Ok(())),
-            Some(&STATUS_NO_SUCH_ADDRESS) => Error::NoSuchAddress("at the remote node".into()),
-            Some(&STATUS_REFUSED) => Error::Refused("the remote listener".into()),
-            Some(other) => Error::Protocol(format!("unknown open status {other}")),
+        let err = match rb.filled().first().map(|b| Status::decode(*b)) {
+            Some(Ok(Status::Accepted)) => return Poll::Ready(Ok(())),
+            Some(Ok(Status::NoSuchAddress)) => Error::NoSuchAddress("at the remote node".into()),
+            Some(Ok(Status::Refused)) => Error::Refused("the remote listener".into()),
+            Some(Err(e)) => e,
             None => Error::Reset,
         };
         Poll::Ready(Err(io::Error::other(err)))
@@ -284,43 +287,132 @@ impl AsyncWrite for MuxStream {
 }
 
 /// Reads a stream's open header (`PROTOCOL.md`, stream open) without losing bytes when
-/// it arrives in pieces: `Some(address)` for a dial, `None` for the control stream.
+/// it arrives in pieces, and without reading past it.
 #[derive(Default)]
 pub(super) struct OpenReader {
     got: Vec<u8>,
 }
 
 impl OpenReader {
-    pub(super) fn poll(
-        &mut self,
-        s: &mut MuxStream,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Option<String>>> {
+    pub(super) fn poll(&mut self, s: &mut MuxStream, cx: &mut Context<'_>) -> Poll<Result<Open>> {
         loop {
-            let need = match self.got.as_slice() {
-                [] => 1,
-                [OPEN_CONTROL] => return Poll::Ready(Ok(None)),
-                [OPEN_DIAL] => 2,
-                [OPEN_DIAL, n, name @ ..] if name.len() == usize::from(*n) => {
-                    return Poll::Ready(
-                        String::from_utf8(name.to_vec())
-                            .map(Some)
-                            .map_err(|_| Error::Protocol("address is not UTF-8".into())),
-                    );
-                }
-                [OPEN_DIAL, n, ..] => 2 + usize::from(*n),
-                [k, ..] => {
-                    return Poll::Ready(Err(Error::Protocol(format!("unknown stream kind {k}"))))
-                }
+            let need = match Open::decode(&self.got)? {
+                Partial::Done(open, _) => return Poll::Ready(Ok(open)),
+                Partial::Need(n) => n,
             };
-            let mut b = [0u8; 257];
-            let want = need - self.got.len();
-            let mut rb = ReadBuf::new(&mut b[..want]);
+            let mut b = [0u8; 256];
+            let mut rb = ReadBuf::new(&mut b[..need]);
             ready!(Pin::new(&mut *s).poll_read(cx, &mut rb)).map_err(from_io)?;
             if rb.filled().is_empty() {
                 return Poll::Ready(Err(Error::Reset));
             }
             self.got.extend_from_slice(rb.filled());
         }
+    }
+}
+
+/// The least room a read of a framed stream gets when no big frame is expected: a
+/// small floor keeps the memory of thousands of idle streams small.
+const MIN_READ: usize = 8 * 1024;
+
+/// The most room one read is given. A reader behind `tokio_util::compat` (a yamux
+/// stream) zeroes all the room it is given on every read, whatever arrives: without
+/// a cap, reading a big frame whose room was reserved whole would zero what is left
+/// of it each time (quadratic). yamux rarely returns more than this (its window).
+const MAX_READ: usize = 256 * 1024;
+
+/// Reads once from a framed stream into `buf`, after what it holds, for `codec` to
+/// decode: how many bytes came, 0 at the end of the stream (for a chanserv stream
+/// that has not said END or ABORT, that is a cut: [`Error::Reset`]; see
+/// [`FrameCodec::check_eof`] to tell a truncated frame), or the stream's error.
+///
+/// When the next frame is big, room for all of it (`codec.bytes_needed`, never above
+/// the codec's limit) is reserved first, so it arrives without regrowth copies;
+/// otherwise at least [`MIN_READ`] bytes. Each read then goes straight into `buf`'s
+/// spare capacity (`tokio_util::io::poll_read_buf`, at most [`MAX_READ`] of it): no
+/// scratch buffer, no copy, and a tokio-native reader (TCP, an in-memory pipe)
+/// zeroes nothing.
+pub(crate) fn poll_read_frames<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    cx: &mut Context<'_>,
+    codec: &FrameCodec,
+    buf: &mut BytesMut,
+) -> Poll<Result<usize>> {
+    let needed = codec.bytes_needed(buf);
+    buf.reserve(needed.max(MIN_READ));
+    let mut room = buf.limit(needed.clamp(MIN_READ, MAX_READ));
+    tokio_util::io::poll_read_buf(Pin::new(r), cx, &mut room).map_err(from_io)
+}
+
+/// [`poll_read_frames`] as a future.
+pub(crate) async fn read_frames<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    codec: &FrameCodec,
+    buf: &mut BytesMut,
+) -> Result<usize> {
+    poll_fn(|cx| poll_read_frames(r, cx, codec, buf)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hands out `data` at most `step` bytes a read, noting the most room it was given.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+        most_room: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            self.most_room = self.most_room.max(buf.remaining());
+            let n = self
+                .step
+                .min(buf.remaining())
+                .min(self.data.len() - self.at);
+            buf.put_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_big_frame_gets_its_room_once_and_is_read_in_capped_pieces() {
+        let codec = FrameCodec::new();
+        let payload = vec![7u8; 4 << 20];
+        let mut wire = BytesMut::new();
+        codec.encode(&payload, &mut wire).unwrap();
+        let mut r = Trickle {
+            data: wire.to_vec(),
+            at: 0,
+            step: 64 * 1024,
+            most_room: 0,
+        };
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut buf = BytesMut::new();
+        let mut read = |buf: &mut BytesMut| match poll_read_frames(&mut r, &mut cx, &codec, buf) {
+            Poll::Ready(Ok(n)) => n,
+            other => panic!("{other:?}"),
+        };
+        // The first read learns the header; from the second on, the room is the frame's.
+        assert!(read(&mut buf) > 0);
+        assert!(read(&mut buf) > 0);
+        let room = buf.as_ptr();
+        while read(&mut buf) > 0 {
+            assert_eq!(buf.as_ptr(), room, "the frame's room was reserved once");
+        }
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap(), payload);
+        assert!(
+            r.most_room <= MAX_READ,
+            "a read was given {} bytes",
+            r.most_room
+        );
     }
 }

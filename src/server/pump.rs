@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures::future::poll_fn;
 use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -25,6 +25,7 @@ use super::{panic_message, with_timeout, Caught, Ctx, WRITE_BATCH};
 use crate::error::{Error, Result, Timeout};
 use crate::frame::FrameCodec;
 use crate::mux::{from_io, DialOptions, Multiplexer};
+use crate::proto::chanserv::ChildPrefix;
 use crate::source::Source;
 
 /// A source announced on the master, whose frames go on a child stream.
@@ -60,8 +61,11 @@ impl<M: Multiplexer> Pump<M> {
             wbuf: BytesMut::with_capacity(WRITE_BATCH + 1024),
             timeout: self.ctx.cfg.frame_write_timeout,
         };
-        child.wbuf.put_u64_le(self.req_id);
-        child.wbuf.put_u32_le(self.id);
+        let prefix = ChildPrefix {
+            request: self.req_id,
+            source: self.id,
+        };
+        prefix.encode(&mut child.wbuf);
         let codec = self.ctx.codec();
         let outcome = match self.frames(&codec, &mut child).await {
             Stop::Gone(e) => return Err(e),

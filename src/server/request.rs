@@ -7,8 +7,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, BytesMut};
-use futures::stream::StreamExt;
+use bytes::BytesMut;
+use futures::stream::{Stream, StreamExt};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -17,9 +17,9 @@ use super::pump::Pump;
 use super::{panic_message, with_timeout, write_buf, Caught, Ctx, INLINE_BUDGET, WRITE_BATCH};
 use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, HEADER_LEN};
-use crate::mux::{from_io, Addr, Multiplexer};
+use crate::mux::{from_io, read_frames, Addr, Multiplexer};
+use crate::proto::chanserv::{MasterMsg, RequestMsg};
 use crate::source::{Meta, Request, Source};
-use crate::wire::{RequestMsg, MSG_ACCEPT, MSG_ANNOUNCE, MSG_END, MSG_ERROR, MSG_INLINE};
 
 type PumpFuture = futures::future::BoxFuture<'static, Result<()>>;
 
@@ -81,112 +81,57 @@ async fn announce_sources<M: Multiplexer>(
             tags: req.tags.clone(),
         },
     };
-    let mut wbuf = BytesMut::new();
-    put_msg(&mut wbuf, &[MSG_ACCEPT], &ctx.node.to_le_bytes());
+    let mut master = Master {
+        ctx,
+        s: master,
+        wbuf: BytesMut::new(),
+    };
+    MasterMsg::encode_accept(ctx.node, &mut master.wbuf);
     let sources = std::panic::catch_unwind(AssertUnwindSafe(|| (ctx.source_fn)(request)));
     let mut sources = match sources {
         Ok(s) => Caught::new(AssertUnwindSafe(s).catch_unwind()),
-        Err(p) => {
-            let e = Error::SourceFunc(panic_message(&p));
-            fail_master(ctx, &mut master, &mut wbuf, &e).await;
-            return Err(e);
-        }
+        Err(p) => return master.fail(Error::SourceFunc(panic_message(&p))).await,
     };
     let serving_deadline = ctx.cfg.serving_timeout.map(|t| Instant::now() + t);
     let mut next_id = 0u32;
-    // A read on the master returns only when the client is gone (it never writes or
-    // closes its half): that cancels the request.
-    let mut probe = [0u8; 1];
     loop {
         let item = match sources.next().now_or_never() {
             Some(item) => item,
-            None => {
-                write_buf(
-                    &mut master,
-                    &mut wbuf,
-                    ctx.cfg.master_write_timeout,
-                    Timeout::MasterWrite,
-                )
-                .await?;
-                let sourcing = ctx.cfg.sourcing_timeout.map(|t| Instant::now() + t);
-                let deadline = match (serving_deadline, sourcing) {
-                    (Some(a), Some(b)) => Some((
-                        a.min(b),
-                        if a <= b {
-                            Timeout::Serving
-                        } else {
-                            Timeout::Sourcing
-                        },
-                    )),
-                    (Some(a), None) => Some((a, Timeout::Serving)),
-                    (None, Some(b)) => Some((b, Timeout::Sourcing)),
-                    (None, None) => None,
-                };
-                tokio::select! {
-                    item = sources.next() => item,
-                    _ = ctx.cancel.cancelled() => return Err(Error::Closed),
-                    r = master.read(&mut probe) => {
-                        return Err(r.map_or_else(from_io, |_| Error::Reset));
-                    }
-                    _ = sleep_until(deadline.map(|d| d.0)) => {
-                        let e = Error::Timeout(deadline.expect("armed").1);
-                        fail_master(ctx, &mut master, &mut wbuf, &e).await;
-                        return Err(e);
-                    }
-                }
-            }
+            None => master.next_source(&mut *sources, serving_deadline).await?,
         };
         let source = match item {
             None => break,
             Some(Ok(Ok(s))) => s,
-            Some(Ok(Err(msg))) => {
-                let e = Error::SourceFunc(msg);
-                fail_master(ctx, &mut master, &mut wbuf, &e).await;
-                return Err(e);
-            }
-            Some(Err(p)) => {
-                let e = Error::SourceFunc(panic_message(&p));
-                fail_master(ctx, &mut master, &mut wbuf, &e).await;
-                return Err(e);
-            }
+            Some(Ok(Err(msg))) => return master.fail(Error::SourceFunc(msg)).await,
+            Some(Err(p)) => return master.fail(Error::SourceFunc(panic_message(&p))).await,
         };
         let id = next_id;
         next_id = next_id
             .checked_add(1)
-            .ok_or_else(|| Error::Protocol("more than 2^32 sources".into()))?;
-        if let Some(pump) = announce(ctx, source, id, &req, &mut wbuf) {
+            .ok_or_else(|| Error::SourceFunc("more than 2^32 sources in one request".into()))?;
+        if let Some(pump) = announce(ctx, source, id, &req, &mut master.wbuf)? {
             // The receiver lives as long as this request's task.
             drop(pumps.send(pump));
         }
-        if wbuf.len() >= WRITE_BATCH {
-            write_buf(
-                &mut master,
-                &mut wbuf,
-                ctx.cfg.master_write_timeout,
-                Timeout::MasterWrite,
-            )
-            .await?;
+        if master.wbuf.len() >= WRITE_BATCH {
+            master.write().await?;
         }
     }
-    put_msg(&mut wbuf, &[MSG_END], &[]);
-    write_buf(
-        &mut master,
-        &mut wbuf,
-        ctx.cfg.master_write_timeout,
-        Timeout::MasterWrite,
-    )
-    .await?;
-    // Everything was said; a client that is gone by now lost nothing.
-    if let Err(e) = with_timeout(
-        ctx.cfg.master_write_timeout,
-        Timeout::MasterWrite,
-        master.shutdown(),
-    )
-    .await
-    {
-        tracing::debug!("closing a master: {e}");
+    master.end().await
+}
+
+/// The serving and sourcing deadlines, whichever comes first, and which one it is.
+fn first_deadline(
+    serving: Option<Instant>,
+    sourcing: Option<Instant>,
+) -> Option<(Instant, Timeout)> {
+    match (serving, sourcing) {
+        (Some(a), Some(b)) if a <= b => Some((a, Timeout::Serving)),
+        (Some(_), Some(b)) => Some((b, Timeout::Sourcing)),
+        (Some(a), None) => Some((a, Timeout::Serving)),
+        (None, Some(b)) => Some((b, Timeout::Sourcing)),
+        (None, None) => None,
     }
-    Ok(())
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -196,44 +141,77 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Appends one master message (a codec frame of `kind ‖ body`).
-fn put_msg(wbuf: &mut BytesMut, kind: &[u8], body: &[u8]) {
-    wbuf.put_u32_le((kind.len() + body.len()) as u32);
-    wbuf.put_slice(kind);
-    wbuf.put_slice(body);
+/// The server's side of a master stream: the stream and its write batch.
+struct Master<'a, M: Multiplexer> {
+    ctx: &'a Ctx<M>,
+    s: M::Stream,
+    wbuf: BytesMut,
 }
 
-async fn fail_master<M: Multiplexer>(
-    ctx: &Ctx<M>,
-    master: &mut M::Stream,
-    wbuf: &mut BytesMut,
-    e: &Error,
-) {
-    let msg = e.to_string();
-    put_msg(wbuf, &[MSG_ERROR], msg.as_bytes());
-    if write_buf(
-        master,
-        wbuf,
-        ctx.cfg.master_write_timeout,
-        Timeout::MasterWrite,
-    )
-    .await
-    .is_ok()
-    {
-        // The error was said; if the close fails the client is gone anyway.
-        drop(master.shutdown().await);
+impl<M: Multiplexer> Master<'_, M> {
+    async fn write(&mut self) -> Result<()> {
+        let t = self.ctx.cfg.master_write_timeout;
+        write_buf(&mut self.s, &mut self.wbuf, t, Timeout::MasterWrite).await
+    }
+
+    /// Waits for the source function's next item, once what was announced so far is
+    /// written. Ends the request early when the client leaves, the service shuts down
+    /// or the serving or sourcing timeout passes (that one is told to the client).
+    async fn next_source<S: Stream + Unpin>(
+        &mut self,
+        sources: &mut S,
+        serving_deadline: Option<Instant>,
+    ) -> Result<Option<S::Item>> {
+        self.write().await?;
+        let sourcing = self.ctx.cfg.sourcing_timeout.map(|t| Instant::now() + t);
+        let deadline = first_deadline(serving_deadline, sourcing);
+        // A read on the master returns only when the client is gone (it never writes
+        // or closes its half): that cancels the request.
+        let mut probe = [0u8; 1];
+        tokio::select! {
+            item = sources.next() => Ok(item),
+            _ = self.ctx.cancel.cancelled() => Err(Error::Closed),
+            r = self.s.read(&mut probe) => Err(r.map_or_else(from_io, |_| Error::Reset)),
+            _ = sleep_until(deadline.map(|d| d.0)) => {
+                self.fail(Error::Timeout(deadline.expect("armed").1)).await
+            }
+        }
+    }
+
+    /// Says END and closes the master.
+    async fn end(mut self) -> Result<()> {
+        MasterMsg::encode_end(&mut self.wbuf);
+        self.write().await?;
+        // Everything was said; a client that is gone by now lost nothing.
+        let t = self.ctx.cfg.master_write_timeout;
+        if let Err(e) = with_timeout(t, Timeout::MasterWrite, self.s.shutdown()).await {
+            tracing::debug!("closing a master: {e}");
+        }
+        Ok(())
+    }
+
+    /// Tells the client the request failed (ERROR, then close), and returns `e`.
+    async fn fail<T>(&mut self, e: Error) -> Result<T> {
+        if let Err(too_long) = MasterMsg::Error(e.to_string()).encode(&mut self.wbuf) {
+            tracing::debug!("request failure not sent: {too_long}");
+        } else if self.write().await.is_ok() {
+            // The error was said; if the close fails the client is gone anyway.
+            drop(self.s.shutdown().await);
+        }
+        Err(e)
     }
 }
 
 /// Announces a source: inline when it is small and complete already, else on the
-/// master, returning the pump for its child stream.
+/// master, returning the pump for its child stream. A header too large for a frame
+/// fails the request.
 fn announce<M: Multiplexer>(
     ctx: &Arc<Ctx<M>>,
     source: Source,
     id: u32,
     req: &RequestMsg,
     wbuf: &mut BytesMut,
-) -> Option<PumpFuture> {
+) -> Result<Option<PumpFuture>> {
     let mut source = Caught::new(source);
     let mut ready = VecDeque::new();
     let mut size = source.header().len();
@@ -265,24 +243,10 @@ fn announce<M: Multiplexer>(
         }
     }
     if matches!(ended, Some(Ok(()))) && size <= INLINE_BUDGET && !ctx.cfg.compression {
-        let start = wbuf.len();
-        wbuf.put_u32_le(0);
-        wbuf.put_u8(MSG_INLINE);
-        wbuf.put_u32_le(id);
-        wbuf.put_u32_le(source.header().len() as u32);
-        wbuf.put_slice(source.header());
-        for f in &ready {
-            wbuf.put_u32_le(f.len() as u32);
-            wbuf.put_slice(f);
-        }
-        let len = (wbuf.len() - start - HEADER_LEN) as u32;
-        wbuf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-        return None;
+        MasterMsg::encode_inline(id, source.header(), &ready, wbuf)?;
+        return Ok(None);
     }
-    let mut body = BytesMut::with_capacity(4 + source.header().len());
-    body.put_u32_le(id);
-    body.put_slice(source.header());
-    put_msg(wbuf, &[MSG_ANNOUNCE], &body);
+    MasterMsg::encode_announce(id, source.header(), wbuf)?;
     let pump = Pump {
         ctx: ctx.clone(),
         source,
@@ -292,18 +256,45 @@ fn announce<M: Multiplexer>(
         req_id: req.id,
         id,
     };
-    Some(Box::pin(pump.run()))
+    Ok(Some(Box::pin(pump.run())))
 }
 
 async fn read_request<R: AsyncRead + Unpin>(r: &mut R, codec: &FrameCodec) -> Result<RequestMsg> {
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut buf = BytesMut::new();
     loop {
         if let Some(f) = codec.decode(&mut buf)? {
             return RequestMsg::decode(f);
         }
-        if r.read_buf(&mut buf).await.map_err(from_io)? == 0 {
+        if read_frames(r, codec, &mut buf).await? == 0 {
             codec.check_eof(&buf)?;
             return Err(Error::Reset);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_earlier_deadline_wins_and_says_which_it_is() {
+        let t0 = Instant::now();
+        let (a, b) = (t0 + std::time::Duration::from_secs(1), t0);
+        assert_eq!(first_deadline(None, None), None);
+        assert_eq!(first_deadline(Some(a), None), Some((a, Timeout::Serving)));
+        assert_eq!(first_deadline(None, Some(a)), Some((a, Timeout::Sourcing)));
+        assert_eq!(
+            first_deadline(Some(a), Some(b)),
+            Some((b, Timeout::Sourcing))
+        );
+        assert_eq!(
+            first_deadline(Some(b), Some(a)),
+            Some((b, Timeout::Serving))
+        );
+        // A tie is the serving timeout: the request's own limit.
+        assert_eq!(
+            first_deadline(Some(a), Some(a)),
+            Some((a, Timeout::Serving))
+        );
     }
 }
