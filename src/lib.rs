@@ -62,8 +62,18 @@
 //! - `server/` — [`Server`]: `config`, `request` (reads a request, runs your source
 //!   function, announces the sources), `pump` (one source's child stream, batched,
 //!   watched for the client leaving).
-//! - `client` — [`Client`]: [`Client::lookup_and_post`] returns [`Sources`].
-//! - `source` — [`Source`], [`Meta`], [`Request`], [`RequestTag`]: shared by both sides.
+//! - `client/` — [`Client`] ([`Client::lookup_and_post`], [`Client::post_to`]):
+//!   `config` ([`ClientConfig`]), `sources` ([`Sources`]: the master stream, read when
+//!   polled), `accept` (the one accept loop that routes child streams to their
+//!   sources), `scatter` ([`Client::scatter`]: every provider of a name, merged).
+//! - `source/` — [`Source`], [`SourceSender`], [`Meta`], [`Request`], [`RequestTag`]:
+//!   shared by both sides; `remote` (the reader of a child stream, which *is* the
+//!   source's `poll_next`).
+//! - `error` — [`Error`], one variant per cause a caller can act on.
+//!
+//! `server` and `client` are siblings: neither imports the other; what both need
+//! (`proto`, `mux`, `source`, `error`) lies below them, and `mux` knows nothing of
+//! chanserv (a dial takes [`DialOptions`], not request tags).
 //!
 //! ## Semantics
 //! - **Completion is not failure.** A finished source ends with `None`; a source cut
@@ -117,7 +127,7 @@ pub use proto::frame;
 pub use proto::fuzzing;
 
 pub use bytes::Bytes;
-pub use client::{Client, ClientConfig, Sources};
+pub use client::{Client, ClientConfig, Scatter, Sources};
 pub use error::{BoxError, Error, ErrorFn, Result, Timeout};
 pub use mux::{
     Addr, DialOptions, Joined, LinkEvent, LinkEvents, Listener, Multiplexer, MuxStream, Node,
