@@ -143,6 +143,12 @@ async fn a_name_is_dialed_on_the_node_chosen() {
         }
         client.wait_for_providers("kv", 3, T).await.unwrap();
         client.wait_for_name("other", T).await.unwrap();
+        // The registry as the client sees it: every name, every provider, sorted.
+        let services = client.services();
+        assert_eq!(services.keys().collect::<Vec<_>>(), ["kv", "other"]);
+        assert_eq!(services["kv"], client.providers("kv"));
+        assert_eq!(services["kv"].len(), 3);
+        assert_eq!(services["other"], [servers[2].id()]);
         // Each provider, this node included, several times: always the one chosen.
         for target in client.providers("kv").into_iter().cycle().take(12) {
             let opts = DialOptions::new(T).on_node(target).bucket("ignored");

@@ -223,6 +223,29 @@ impl Node {
         v
     }
 
+    /// Every service name this node can route, with its providers (as
+    /// [`providers`](Node::providers) gives them): its own bound names and those its
+    /// linked peers announced. A snapshot; [`Node::subscribe`] tells when links change.
+    pub fn services(&self) -> std::collections::BTreeMap<String, Vec<NodeId>> {
+        let st = self.inner.state.lock().unwrap();
+        let mut all: std::collections::BTreeMap<String, Vec<NodeId>> = Default::default();
+        let own = st.binds.keys().filter(|k| !k.starts_with(':'));
+        for name in own {
+            all.entry(name.clone()).or_default().push(self.inner.id);
+        }
+        for (peer, names) in &st.peer_names {
+            if st.links.contains_key(peer) {
+                for name in names {
+                    all.entry(name.clone()).or_default().push(*peer);
+                }
+            }
+        }
+        for providers in all.values_mut() {
+            providers.sort_unstable();
+        }
+        all
+    }
+
     /// Waits until at least `count` nodes provide the service `name` (see
     /// [`providers`](Node::providers)), up to `within`. [`Error::NoSuchAddress`] when
     /// the time is up with fewer.
