@@ -133,5 +133,7 @@ pub use mux::{
     Addr, DialOptions, Joined, LinkEvent, LinkEvents, Listener, Multiplexer, MuxStream, Node,
     NodeConfig, NodeId, NodeListener, PROTOCOL_VERSION,
 };
-pub use server::{MaxErrorMassFn, ServeHandle, Server, ServerConfig, SourceItem};
+pub use server::{
+    BlockedSource, MaxErrorMassFn, ServeHandle, Server, ServerConfig, ServiceStats, SourceItem,
+};
 pub use source::{Meta, Request, RequestTag, Source, SourceSender};

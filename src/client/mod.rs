@@ -184,6 +184,8 @@ impl<M: Multiplexer> Client<M> {
             opts = opts.on_node(n);
         }
         let mut master = c.mux.dial(vaddr, opts).await?;
+        // (reply, request) names this request in the server's logs too.
+        tracing::debug!(request = id, reply = %c.reply, vaddr, "posting");
         let msg = RequestMsg {
             id,
             reply: c.reply.clone(),

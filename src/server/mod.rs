@@ -26,9 +26,12 @@ use crate::source::{Request, Source};
 mod config;
 mod pump;
 mod request;
+mod stats;
 
 pub use config::{MaxErrorMassFn, ServerConfig};
 use request::serve_request;
+use stats::Counters;
+pub use stats::{BlockedSource, ServiceStats};
 
 /// Frames of a source that are ready at once are sent inline with its announcement
 /// while they fit in this many bytes (and the source is complete).
@@ -139,6 +142,7 @@ impl<M: Multiplexer> Server<M> {
         let stop_accept = CancellationToken::new();
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let stats = Arc::new(Counters::default());
         let ctx = Arc::new(Ctx {
             mux: self.mux.clone(),
             cfg: self.cfg.clone(),
@@ -146,6 +150,7 @@ impl<M: Multiplexer> Server<M> {
             source_fn,
             tasks: tasks.clone(),
             cancel: cancel.clone(),
+            stats: stats.clone(),
         });
         rt.spawn(tasks.track_future(accept_loop(ctx, listener, stop_accept.clone())));
         Ok(ServeHandle {
@@ -153,6 +158,7 @@ impl<M: Multiplexer> Server<M> {
             stop_accept,
             cancel,
             tasks,
+            stats,
             detached: false,
         })
     }
@@ -171,6 +177,7 @@ pub struct ServeHandle {
     stop_accept: CancellationToken,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    stats: Arc<Counters>,
     detached: bool,
 }
 
@@ -188,6 +195,12 @@ impl ServeHandle {
         self.tasks.len()
     }
 
+    /// What the service has done so far and which consumers hold it back now
+    /// (see [`ServiceStats`]).
+    pub fn stats(&self) -> ServiceStats {
+        self.stats.snapshot()
+    }
+
     /// Lets the service run without a handle, until its node shuts down (then the
     /// address is gone, and requests in flight fail as their streams do).
     pub fn detach(mut self) {
@@ -196,8 +209,8 @@ impl ServeHandle {
 
     /// Stops accepting requests (the address is unbound at once), lets requests and
     /// sources in flight finish for up to `grace`, then cancels what is left and waits
-    /// for it to end.
-    pub async fn shutdown(self, grace: Duration) {
+    /// for it to end. Returns the service's final counters.
+    pub async fn shutdown(self, grace: Duration) -> ServiceStats {
         self.stop_accept.cancel();
         self.tasks.close();
         if tokio::time::timeout(grace, self.tasks.wait())
@@ -207,6 +220,7 @@ impl ServeHandle {
             self.cancel.cancel();
             self.tasks.wait().await;
         }
+        self.stats.snapshot()
     }
 }
 
@@ -230,6 +244,7 @@ struct Ctx<M> {
     source_fn: BoxSourceFn,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    stats: Arc<Counters>,
 }
 
 impl<M> Ctx<M> {
@@ -270,7 +285,15 @@ async fn accept_loop<M: Multiplexer>(
             r = listener.accept() => match r {
                 Ok((s, from)) => {
                     let (ctx2, mass, reached) = (ctx.clone(), mass.clone(), reached.clone());
-                    ctx.tasks.spawn(async move {
+                    let span = tracing::debug_span!(
+                        "request",
+                        service = %listener.local_addr().vaddr(),
+                        from = %from,
+                        request = tracing::field::Empty,
+                        reply = tracing::field::Empty,
+                    );
+                    ctx.tasks.spawn(tracing::Instrument::instrument(async move {
+                        let _active = ctx2.stats.request();
                         let r = tokio::select! {
                             r = serve_request(&ctx2, s, from) => r,
                             _ = ctx2.cancel.cancelled() => Err(Error::Closed),
@@ -278,6 +301,7 @@ async fn accept_loop<M: Multiplexer>(
                         match &r {
                             Ok(()) => mass.store(0, Ordering::Relaxed),
                             Err(e) => {
+                                ctx2.stats.request_failed();
                                 ctx2.report(e);
                                 let own = is_own_fault(e);
                                 if own && mass.fetch_add(1, Ordering::Relaxed) + 1 >= ctx2.cfg.max_error_mass {
@@ -285,7 +309,7 @@ async fn accept_loop<M: Multiplexer>(
                                 }
                             }
                         }
-                    });
+                    }, span));
                 }
                 Err(e) => {
                     ctx.report(&e);

@@ -21,10 +21,11 @@ use futures::future::poll_fn;
 use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::stats::{Counters, SourceEnd};
 use super::{panic_message, with_timeout, Caught, Ctx, WRITE_BATCH};
 use crate::error::{Error, Result, Timeout};
 use crate::frame::FrameCodec;
-use crate::mux::{from_io, DialOptions, Multiplexer};
+use crate::mux::{from_io, Addr, DialOptions, Multiplexer};
 use crate::proto::chanserv::ChildPrefix;
 use crate::source::Source;
 
@@ -41,6 +42,15 @@ pub(super) struct Pump<M> {
     pub(super) id: u32,
 }
 
+impl Stop {
+    fn into_error(self) -> Error {
+        match self {
+            Stop::Done => unreachable!("a completed source is Ok"),
+            Stop::Failed(e) | Stop::Gone(e) => e,
+        }
+    }
+}
+
 /// Why a source's frames stopped.
 enum Stop {
     /// The producer finished: END.
@@ -53,13 +63,35 @@ enum Stop {
 
 impl<M: Multiplexer> Pump<M> {
     /// Runs the source to its end; `Err` when it did not complete.
-    pub(super) async fn run(mut self) -> Result<()> {
+    pub(super) async fn run(self) -> Result<()> {
+        let stats = self.ctx.stats.clone();
+        let _active = stats.source();
+        let r = self.pump().await;
+        stats.source_ended(match &r {
+            Ok(()) => SourceEnd::Completed,
+            Err(Stop::Failed(_)) => SourceEnd::Failed,
+            Err(_) => SourceEnd::Cut,
+        });
+        r.map_err(Stop::into_error)
+    }
+
+    async fn pump(mut self) -> Result<(), Stop> {
         let opts = DialOptions::new(self.ctx.cfg.chan_accept_timeout).wait_for_slot(true);
-        let s = self.ctx.mux.dial(&self.reply, opts).await?;
+        let s = self
+            .ctx
+            .mux
+            .dial(&self.reply, opts)
+            .await
+            .map_err(Stop::Gone)?;
+        let client = self.reply.parse().map_err(Stop::Gone)?;
         let mut child = Child {
             s,
             wbuf: BytesMut::with_capacity(WRITE_BATCH + 1024),
             timeout: self.ctx.cfg.frame_write_timeout,
+            stats: self.ctx.stats.clone(),
+            key: (self.req_id, self.id),
+            client,
+            unsent: (0, 0),
         };
         let prefix = ChildPrefix {
             request: self.req_id,
@@ -68,7 +100,6 @@ impl<M: Multiplexer> Pump<M> {
         prefix.encode(&mut child.wbuf);
         let codec = self.ctx.codec();
         let outcome = match self.frames(&codec, &mut child).await {
-            Stop::Gone(e) => return Err(e),
             Stop::Done => {
                 FrameCodec::encode_end(&mut child.wbuf);
                 Ok(())
@@ -79,13 +110,14 @@ impl<M: Multiplexer> Pump<M> {
                     other => other.to_string(),
                 };
                 FrameCodec::encode_abort(&reason, &mut child.wbuf);
-                Err(e)
+                Err(Stop::Failed(e))
             }
+            gone @ Stop::Gone(_) => return Err(gone),
         };
         // The producer is done: drop it now, not when the client lets go.
         drop(self);
-        child.write(None).await?;
-        child.finish().await?;
+        child.write(None).await.map_err(Stop::Gone)?;
+        child.finish().await.map_err(Stop::Gone)?;
         outcome
     }
 
@@ -135,6 +167,7 @@ async fn put<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Option<Stop> {
     // A frame the codec refuses (over the limit) fails the source: the client is
     // told why instead of waiting for frames that never come.
+    let len = f.len() as u64;
     let written = match codec.encode_split(f, &mut child.wbuf) {
         Ok(Some(big)) => child.write(Some(big)).await,
         Ok(None) if child.wbuf.len() >= WRITE_BATCH => {
@@ -147,6 +180,8 @@ async fn put<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(None) => Ok(()),
         Err(e) => return Some(Stop::Failed(e)),
     };
+    child.unsent.0 += 1;
+    child.unsent.1 += len;
     written.err().map(Stop::Gone)
 }
 
@@ -168,6 +203,12 @@ struct Child<S> {
     s: S,
     wbuf: BytesMut,
     timeout: Option<std::time::Duration>,
+    stats: Arc<Counters>,
+    /// (request, source), for the list of blocked sources.
+    key: (u64, u32),
+    client: Addr,
+    /// Frames and bytes encoded since the last write, counted when it completes.
+    unsent: (u64, u64),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Child<S> {
@@ -199,8 +240,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Child<S> {
                 r => r,
             }
         });
-        with_timeout(self.timeout, Timeout::FrameWrite, write).await?;
+        {
+            let mut write = std::pin::pin!(with_timeout(self.timeout, Timeout::FrameWrite, write));
+            match futures::poll!(write.as_mut()) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    // The consumer (or the link to it) holds this source back: listed
+                    // in the service's stats while it does.
+                    let _blocked = self.stats.blocked(self.key, &self.client);
+                    write.await?
+                }
+            }
+        }
         self.wbuf.clear();
+        let (frames, bytes) = std::mem::take(&mut self.unsent);
+        self.stats.sent(frames, bytes);
         Ok(())
     }
 

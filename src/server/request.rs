@@ -12,6 +12,7 @@ use futures::stream::{Stream, StreamExt};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::pump::Pump;
 use super::{panic_message, with_timeout, write_buf, Caught, Ctx, INLINE_BUDGET, WRITE_BATCH};
@@ -74,6 +75,12 @@ async fn announce_sources<M: Multiplexer>(
             .map_err(std::io::Error::other)
     })
     .await?;
+    // The request's span says which request this is on the client's side too:
+    // (reply address, request id) names it on both hosts.
+    tracing::Span::current()
+        .record("request", req.id)
+        .record("reply", tracing::field::display(&req.reply));
+    tracing::debug!(body_len = req.body.len(), "request read");
     let request = Request {
         body: req.body.clone(),
         meta: Meta {
@@ -244,6 +251,8 @@ fn announce<M: Multiplexer>(
     }
     if matches!(ended, Some(Ok(()))) && size <= INLINE_BUDGET && !ctx.cfg.compression {
         MasterMsg::encode_inline(id, source.header(), &ready, wbuf)?;
+        let bytes = ready.iter().map(|f| f.len() as u64).sum();
+        ctx.stats.inline_source(ready.len() as u64, bytes);
         return Ok(None);
     }
     MasterMsg::encode_announce(id, source.header(), wbuf)?;
@@ -256,7 +265,8 @@ fn announce<M: Multiplexer>(
         req_id: req.id,
         id,
     };
-    Ok(Some(Box::pin(pump.run())))
+    let span = tracing::debug_span!("source", source = id);
+    Ok(Some(Box::pin(pump.run().instrument(span))))
 }
 
 async fn read_request<R: AsyncRead + Unpin>(r: &mut R, codec: &FrameCodec) -> Result<RequestMsg> {

@@ -1,0 +1,178 @@
+//! A service's counters after known workloads, and slow-consumer attribution.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chanserv::{Client, Node, Server, Source};
+use futures::{stream, StreamExt};
+use tokio::time::timeout;
+
+const T: Duration = Duration::from_secs(20);
+
+async fn pair() -> (Node, Node) {
+    let (a, b) = (Node::new(), Node::new());
+    let addr = a.listen("127.0.0.1:0").await.unwrap();
+    b.join(addr).await.unwrap().detach();
+    (a, b)
+}
+
+#[tokio::test]
+async fn counters_add_up_after_a_known_workload() {
+    timeout(T, async {
+        let (a, b) = pair().await;
+        let svc = Server::new(a)
+            .listen_and_serve("svc", |_| {
+                let big = (0..100).map(|_| Bytes::from(vec![7u8; 1024]));
+                let failing = [Ok(Bytes::from("x")), Err("disk on fire")];
+                stream::iter([
+                    // Small and complete at once: inline on the master.
+                    Source::new(
+                        "inline",
+                        stream::iter([Bytes::from("ab"), Bytes::from("c")]),
+                    ),
+                    Source::new("big", stream::iter(big)),
+                    Source::try_new("failing", stream::iter(failing)),
+                ])
+            })
+            .unwrap();
+        b.wait_for_name("svc", T).await.unwrap();
+        let client = Client::new(b).unwrap();
+        for _ in 0..2 {
+            let mut sources = client.lookup_and_post("svc", "", &[]).await.unwrap();
+            while let Some(s) = sources.next().await {
+                let mut s = s.unwrap();
+                while let Some(f) = s.next().await {
+                    if f.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let live = svc.stats();
+        assert_eq!(live.requests_total, 2);
+        // Shutting down waits for every request and source to end: final figures.
+        let st = svc.shutdown(T).await;
+        assert_eq!(
+            (st.requests_total, st.requests_active, st.requests_failed),
+            (2, 0, 0)
+        );
+        assert_eq!((st.sources_total, st.sources_active), (6, 0));
+        assert_eq!(
+            (st.sources_completed, st.sources_failed, st.sources_cut),
+            (4, 2, 0)
+        );
+        assert_eq!(st.frames_sent, 2 * (2 + 100 + 1));
+        assert_eq!(st.bytes_sent, 2 * (3 + 100 * 1024 + 1));
+        assert!(st.blocked.is_empty());
+    })
+    .await
+    .expect("hung");
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_named_while_it_holds_a_source_back() {
+    timeout(T, async {
+        let (a, b) = pair().await;
+        let svc = Server::new(a)
+            .listen_and_serve("svc", |_| {
+                let endless = stream::repeat(Bytes::from(vec![1u8; 16 * 1024]));
+                stream::iter([Source::new("endless", endless)])
+            })
+            .unwrap();
+        b.wait_for_name("svc", T).await.unwrap();
+        let client = Client::new(b.clone()).unwrap();
+        let mut sources = client.lookup_and_post("svc", "", &[]).await.unwrap();
+        let mut s = sources.next().await.unwrap().unwrap();
+        s.next().await.unwrap().unwrap();
+        // The consumer stops reading: the windows fill and the pump waits on it.
+        // Nothing signals that moment, so look until it shows (bounded by T).
+        let blocked = loop {
+            let st = svc.stats();
+            if let Some(b) = st.blocked.first() {
+                assert_eq!(st.sources_active, 1);
+                break b.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(
+            blocked.client.node(),
+            b.id(),
+            "the consumer's node is named"
+        );
+        assert_eq!(blocked.source, 0);
+        assert!(
+            svc.stats().blocked[0].waiting >= blocked.waiting,
+            "the wait grows"
+        );
+        drop((s, sources));
+        let st = svc.shutdown(T).await;
+        assert_eq!((st.sources_cut, st.sources_completed), (1, 0));
+        assert!(st.blocked.is_empty(), "a cut source is no longer blocked");
+        assert!(st.backpressure_wait > Duration::ZERO);
+        assert!(st.frames_sent > 1);
+    })
+    .await
+    .expect("hung");
+}
+
+/// Collects what a `fmt` subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn one_request_can_be_followed_across_hosts_by_its_id() {
+    let out = Captured::default();
+    let w = out.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || w.clone())
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+    timeout(T, async {
+        let (a, b) = pair().await;
+        let _svc = Server::new(a)
+            .listen_and_serve("traced", |_| {
+                stream::iter([Source::new("s", stream::iter([Bytes::from("f")]))])
+            })
+            .unwrap();
+        b.wait_for_name("traced", T).await.unwrap();
+        let client = Client::new(b).unwrap();
+        for _ in 0..2 {
+            let mut sources = client.lookup_and_post("traced", "", &[]).await.unwrap();
+            while let Some(s) = sources.next().await {
+                drop(s.unwrap());
+            }
+        }
+    })
+    .await
+    .expect("hung");
+    let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+    // The client's line for request 2 names its reply address; the server's span
+    // for that request carries the same two fields.
+    let posting = text
+        .lines()
+        .find(|l| l.contains("posting") && l.contains("request=2"))
+        .unwrap_or_else(|| panic!("no client line for request 2 in:\n{text}"));
+    let reply = posting
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("reply="))
+        .expect("reply field");
+    let server = format!("request=2 reply={reply}");
+    assert!(
+        text.lines().any(|l| l.contains("service=traced")
+            && l.contains(&server)
+            && l.contains("request read")),
+        "no server line with {server} in:\n{text}"
+    );
+}
