@@ -18,7 +18,9 @@ use crate::error::{Error, Result, Timeout};
 use crate::frame::FrameCodec;
 use crate::mux::{poll_read_frames, Addr};
 use crate::proto::chanserv::MasterMsg;
-use crate::source::{ChildStream, Meta, RemoteFrames, RequestTag, Source};
+use crate::source::{
+    poll_ahead, Ahead, ChildStream, Meta, ReadAhead, RemoteFrames, RequestTag, Source,
+};
 
 /// Finished masters kept for the next request at most; beyond, they close at once.
 const MAX_FINISHED: usize = 16;
@@ -147,6 +149,14 @@ impl Sources {
         }
         Ok(())
     }
+}
+
+impl ReadAhead for Sources {
+    type Item = Source;
+
+    fn queue(&mut self) -> (&mut VecDeque<Source>, &mut Option<Option<Error>>) {
+        (&mut self.ahead, &mut self.end)
+    }
 
     fn decode_ahead(&mut self) -> Result<()> {
         while self.ahead.len() < self.cfg.source_buffer_size && self.end.is_none() {
@@ -179,37 +189,25 @@ impl Stream for Sources {
             if this.done {
                 return Poll::Ready(None);
             }
-            if let Some(s) = this.ahead.pop_front() {
-                this.timer = None;
-                return Poll::Ready(Some(Ok(s)));
-            }
-            if let Some(end) = this.end.take() {
-                this.done = true;
-                // The server closes the master after its last message; we are done too.
-                // Its close waits for the client's next request (one packet for both),
-                // unless many are waiting already.
-                if let Some(m) = this.master.take() {
-                    let mut f = this.finished.lock().unwrap();
-                    if f.len() < MAX_FINISHED && end.is_none() {
-                        f.push(m);
+            match poll_ahead(this, cx) {
+                Ahead::Item(s) => {
+                    this.timer = None;
+                    return Poll::Ready(Some(Ok(s)));
+                }
+                Ahead::End(end) => {
+                    this.done = true;
+                    // The server closes the master after its last message; we are done
+                    // too. Its close waits for the client's next request (one packet
+                    // for both), unless many are waiting already.
+                    if let Some(m) = this.master.take() {
+                        let mut f = this.finished.lock().unwrap();
+                        if f.len() < MAX_FINISHED && end.is_none() {
+                            f.push(m);
+                        }
                     }
+                    return Poll::Ready(end.map(Err));
                 }
-                return Poll::Ready(end.map(Err));
-            }
-            if let Err(e) = this.decode_ahead() {
-                this.end = Some(Some(e));
-                continue;
-            }
-            if !this.ahead.is_empty() || this.end.is_some() {
-                continue;
-            }
-            match this.poll_read(cx) {
-                Poll::Ready(Ok(())) => continue,
-                Poll::Ready(Err(e)) => {
-                    this.end = Some(Some(e));
-                    continue;
-                }
-                Poll::Pending => {}
+                Ahead::Pending => {}
             }
             let Some(t) = this.cfg.master_read_timeout else {
                 return Poll::Pending;

@@ -23,7 +23,7 @@ use crate::mux::Addr;
 
 mod remote;
 
-pub(crate) use remote::{ChildStream, RemoteFrames};
+pub(crate) use remote::{poll_ahead, Ahead, ChildStream, ReadAhead, RemoteFrames};
 
 /// A tag sent with a request (Go's `RequestTag`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

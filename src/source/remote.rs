@@ -43,33 +43,93 @@ pub(crate) struct RemoteFrames {
     pub(crate) _guard: Option<Arc<dyn Send + Sync>>,
 }
 
+/// A framed reader that decodes items ahead of its consumer: the client's `Sources`
+/// (announcements) and a remote source's frames. [`poll_ahead`] is the loop both run.
+pub(crate) trait ReadAhead {
+    /// What the consumer gets.
+    type Item;
+    /// Items decoded and not yet handed out, and how the stream ended (once known;
+    /// handed out after the items).
+    fn queue(&mut self) -> (&mut VecDeque<Self::Item>, &mut Option<Option<Error>>);
+    /// Decodes what was read into the queue, up to the reader's read-ahead.
+    fn decode_ahead(&mut self) -> Result<()>;
+    /// Reads more of the stream.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>>;
+}
+
+/// What [`poll_ahead`] found.
+pub(crate) enum Ahead<T> {
+    Item(T),
+    /// The stream's end: `None` when it completed.
+    End(Option<Error>),
+    /// Nothing decoded and nothing to read yet.
+    Pending,
+}
+
+/// Hands out the next decoded item, else the end, else decodes what was read, else
+/// reads: a failure to decode or read becomes the end.
+pub(crate) fn poll_ahead<R: ReadAhead>(r: &mut R, cx: &mut Context<'_>) -> Ahead<R::Item> {
+    loop {
+        let (items, end) = r.queue();
+        if let Some(item) = items.pop_front() {
+            return Ahead::Item(item);
+        }
+        if let Some(end) = end.take() {
+            return Ahead::End(end);
+        }
+        let failed = match r.decode_ahead() {
+            Err(e) => Some(e),
+            Ok(()) if !r.queue().0.is_empty() || r.queue().1.is_some() => continue,
+            Ok(()) => match r.poll_read(cx) {
+                Poll::Ready(Ok(())) => None,
+                Poll::Ready(Err(e)) => Some(e),
+                Poll::Pending => return Ahead::Pending,
+            },
+        };
+        if let Some(e) = failed {
+            *r.queue().1 = Some(Some(e));
+        }
+    }
+}
+
 impl RemoteFrames {
     pub(super) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
-        loop {
-            if let Some(f) = self.ahead.pop_front() {
+        match poll_ahead(self, cx) {
+            Ahead::Item(f) => {
                 self.timer = None;
-                return Poll::Ready(Some(Ok(f)));
+                Poll::Ready(Some(Ok(f)))
             }
-            if let Some(end) = self.end.take() {
+            Ahead::End(end) => {
                 self.end = Some(None);
-                return Poll::Ready(end.map(Err));
+                Poll::Ready(end.map(Err))
             }
-            if let Err(e) = self.decode_ahead() {
-                self.end = Some(Some(e));
-                continue;
-            }
-            if !self.ahead.is_empty() || self.end.is_some() {
-                continue;
-            }
-            match self.poll_read(cx) {
-                Poll::Ready(Ok(())) => continue,
-                Poll::Ready(Err(e)) => {
-                    self.end = Some(Some(e));
-                    continue;
-                }
-                Poll::Pending => return self.poll_timer(cx),
-            }
+            Ahead::Pending => self.poll_timer(cx),
         }
+    }
+
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
+        let (t, kind) = match (&self.stream, self.read_timeout) {
+            (ChildStream::Waiting(_), Some(r)) if r < self.accept_timeout => {
+                (r, Timeout::FrameRead)
+            }
+            (ChildStream::Waiting(_), _) => (self.accept_timeout, Timeout::ChanAccept),
+            (ChildStream::Reading(_) | ChildStream::Done, Some(r)) => (r, Timeout::FrameRead),
+            (ChildStream::Reading(_) | ChildStream::Done, None) => return Poll::Pending,
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+        ready!(timer.as_mut().poll(cx));
+        self.end = Some(None);
+        Poll::Ready(Some(Err(Error::Timeout(kind))))
+    }
+}
+
+impl ReadAhead for RemoteFrames {
+    type Item = Bytes;
+
+    fn queue(&mut self) -> (&mut VecDeque<Bytes>, &mut Option<Option<Error>>) {
+        (&mut self.ahead, &mut self.end)
     }
 
     fn decode_ahead(&mut self) -> Result<()> {
@@ -113,22 +173,5 @@ impl RemoteFrames {
             Ok(0) => Poll::Ready(Err(Error::Reset)),
             Ok(_) => Poll::Ready(Ok(())),
         }
-    }
-
-    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
-        let (t, kind) = match (&self.stream, self.read_timeout) {
-            (ChildStream::Waiting(_), Some(r)) if r < self.accept_timeout => {
-                (r, Timeout::FrameRead)
-            }
-            (ChildStream::Waiting(_), _) => (self.accept_timeout, Timeout::ChanAccept),
-            (ChildStream::Reading(_) | ChildStream::Done, Some(r)) => (r, Timeout::FrameRead),
-            (ChildStream::Reading(_) | ChildStream::Done, None) => return Poll::Pending,
-        };
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
-        ready!(timer.as_mut().poll(cx));
-        self.end = Some(None);
-        Poll::Ready(Some(Err(Error::Timeout(kind))))
     }
 }
