@@ -129,7 +129,7 @@ pub use client::{Client, ClientConfig, Sources};
 pub use error::{BoxError, Error, ErrorFn, Result, Timeout};
 pub use mux::{
     Addr, DialOptions, Joined, LinkEvent, LinkEvents, Listener, Multiplexer, MuxStream, Node,
-    NodeConfig, NodeId, NodeListener, PROTOCOL_VERSION,
+    NodeConfig, NodeId, NodeListener, TlsConfig, PROTOCOL_VERSION,
 };
 pub use server::{MaxErrorMassFn, ServeHandle, Server, ServerConfig, SourceItem};
 pub use source::{Meta, Request, RequestTag, Source, SourceSender};

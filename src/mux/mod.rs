@@ -7,8 +7,10 @@
 //! the yamux driver, inbound streams, a link's life from up to closed), `control`
 //! (keep-alive and names on the control stream), `join` (a joined address's one
 //! reconnect loop), `stream` ([`MuxStream`]), `budget` (the per-link send budget),
-//! `lifeline` (how a dead link fails its streams). Byte layouts are in `PROTOCOL.md`
-//! ("Links", "Stream open", "Control stream").
+//! `lifeline` (how a dead link fails its streams), `tls` ([`TlsConfig`]: TLS 1.3 under
+//! a link, peer identities), `authz` (what an authenticated peer may announce).
+//! Byte layouts are in `PROTOCOL.md` ("Links", "Stream open", "Control stream",
+//! "Security").
 
 use std::fmt;
 use std::future::Future;
@@ -22,6 +24,7 @@ use tokio_util::sync::ReusableBoxFuture;
 
 use crate::error::{Error, Result};
 
+mod authz;
 mod budget;
 mod config;
 mod control;
@@ -31,6 +34,7 @@ mod link;
 mod node;
 mod registry;
 mod stream;
+mod tls;
 
 pub use config::NodeConfig;
 pub use join::Joined;
@@ -39,6 +43,7 @@ pub use node::{Node, NodeListener};
 pub(crate) use registry::parse_names;
 pub(crate) use stream::from_io;
 pub use stream::MuxStream;
+pub use tls::TlsConfig;
 
 /// A node id: random, 64 bits, printed as 16 hex digits.
 pub type NodeId = u64;
