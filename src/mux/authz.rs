@@ -5,12 +5,21 @@
 //! `tls`'s; links without an identity (plaintext, or `Node::attach`ed) are not
 //! checked here: whoever made them vouches for them.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
+use bytes::{BufMut, Bytes, BytesMut};
+
 use super::link::{hex, Link};
-use super::registry::State;
+use super::node::Inner;
+use super::registry::{parse_names, State};
 use crate::error::{Error, Result};
+
+/// Control message kind REFUSED (`PROTOCOL.md`, "Control stream"): the names of the
+/// receiver's last NAMES message that the sender does not route to it, same layout
+/// as NAMES. Peers that predate it ignore it, as every unknown kind.
+pub(super) const CTL_REFUSED: u8 = 5;
 
 /// A caller's decision on one name: `(peer identity, service name) -> allowed`.
 pub(super) type NameCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
@@ -94,6 +103,53 @@ pub(super) fn glob(pattern: &str, s: &str) -> bool {
     p[i..].iter().all(|&c| c == b'*')
 }
 
+/// The REFUSED control message for `names`.
+fn refused_message(names: &BTreeSet<String>) -> Bytes {
+    let mut m = BytesMut::new();
+    m.put_u8(CTL_REFUSED);
+    for name in names {
+        // Names came from a NAMES message: each is at most 255 bytes.
+        m.put_u8(name.len() as u8);
+        m.put_slice(name.as_bytes());
+    }
+    m.freeze()
+}
+
+impl Inner {
+    /// The names of a peer's NAMES message that this node routes to it: those its
+    /// identity may announce. The others are logged and the peer is told (REFUSED).
+    pub(super) fn authorize_names(&self, link: &Link, names: BTreeSet<String>) -> BTreeSet<String> {
+        let (Some(tls), Some(identity)) = (&self.cfg.tls, &link.identity) else {
+            return names;
+        };
+        let (allowed, refused): (BTreeSet<_>, BTreeSet<_>) = names
+            .into_iter()
+            .partition(|n| tls.policy.may_announce(identity, n));
+        if !refused.is_empty() {
+            tracing::warn!(
+                peer = %hex(link.peer),
+                identity = %identity,
+                ?refused,
+                "names announced by a peer that may not announce them: not routed to it"
+            );
+            link.send_control(refused_message(&refused));
+        }
+        allowed
+    }
+
+    /// The peer refused to route some of the names this node announced.
+    pub(super) fn on_names_refused(&self, link: &Link, msg: Bytes) {
+        let names = parse_names(msg);
+        tracing::warn!(
+            peer = %hex(link.peer),
+            identity = %link.identity.as_deref().unwrap_or("-"),
+            ?names,
+            "the peer refused names this node announced (not authorized for this node's \
+             identity): it does not route them here"
+        );
+    }
+}
+
 /// A node id belongs to one identity at a time: a link whose identity differs from
 /// that of the links already up to the same node id is refused, so an authenticated
 /// peer cannot take over another node's id (and with it the names that node may
@@ -161,5 +217,13 @@ mod tests {
         assert!(!p.may_announce("web.mesh", "kv"));
         p.allow_peers(["*.mesh".to_owned()]);
         assert!(p.may_link("web.mesh") && !p.may_link("web.other"));
+    }
+
+    #[test]
+    fn refused_names_use_the_names_layout() {
+        let names: BTreeSet<String> = ["a".into(), "search:7".into()].into();
+        let m = refused_message(&names);
+        assert_eq!(m[0], CTL_REFUSED);
+        assert_eq!(parse_names(m.slice(1..)), names);
     }
 }

@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
 
+use super::authz::CTL_REFUSED;
 use super::link::{hex, Link};
 use super::node::Inner;
 use super::registry::parse_names;
@@ -203,7 +204,7 @@ impl Inner {
             CTL_PING => return Some(&[CTL_PONG]),
             CTL_PONG => {}
             CTL_NAMES => {
-                let names = parse_names(msg);
+                let names = self.authorize_names(link, parse_names(msg));
                 tracing::debug!(peer = %hex(link.peer), ?names, "peer names");
                 self.state
                     .lock()
@@ -213,6 +214,7 @@ impl Inner {
                 self.names_changed.notify_waiters();
             }
             CTL_ROTATE => link.rotate(),
+            CTL_REFUSED => self.on_names_refused(link, msg),
             other => tracing::debug!(peer = %hex(link.peer), "unknown control message {other}"),
         }
         None
