@@ -107,9 +107,9 @@ fn serve(node: &Node, name: &str) {
                 let mut b = [0u8; 2];
                 if s.read_exact(&mut b).await.is_ok() {
                     let answer = [&b[..], &id.to_le_bytes()].concat();
-                    // The dialer checks what arrives.
+                    // The dialer checks what arrives; a failure here shows there.
                     let _ = s.write_all(&answer).await;
-                    let _ = s.shutdown().await;
+                    let _ = s.shutdown().await; // likewise
                 }
             });
         }
@@ -401,6 +401,37 @@ async fn a_join_relinks_over_mtls_after_the_server_restarts_on_its_port() {
         client.wait_for_name("echo", T).await.unwrap();
         assert_eq!(ask(&client, "echo").await, restarted.id());
         assert_eq!(client.links_established(), 2);
+    })
+    .await
+    .expect("hung");
+}
+
+#[tokio::test]
+async fn a_stalled_tls_handshake_times_out_and_others_link_meanwhile() {
+    let (logs, _guard) = Logs::capture();
+    timeout(T, async {
+        let ca = Ca::new("mesh CA");
+        let quick = |cfg: TlsConfig| tls(cfg).handshake_timeout(Duration::from_millis(300));
+        let server = Node::with_config(quick(ca.node(SERVER)));
+        let addr = server.listen("127.0.0.1:0").await.unwrap();
+        serve(&server, "echo");
+        // Connects and says nothing: the server's TLS accept waits for a ClientHello.
+        let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        good_peer_links(&ca, addr, &server).await;
+        logs.line_with(&["inbound link from", "link handshake timeout"])
+            .await;
+        // A listener that accepts and never answers: the dialer's TLS gives up too.
+        let mute = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mute_addr = mute.local_addr().unwrap();
+        let e = Node::with_config(quick(ca.node("client.test")))
+            .join(mute_addr)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Timeout(chanserv::Timeout::Handshake)),
+            "{e}"
+        );
+        drop(mute);
     })
     .await
     .expect("hung");
