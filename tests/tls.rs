@@ -296,11 +296,8 @@ async fn an_authenticated_peer_cannot_take_over_another_nodes_id() {
         // Its side may see the link come up before the server refuses it: the
         // server's log says what happened.
         let _evil_link = evil.join(addr).await;
-        logs.line_with(&[
-            "inbound link from",
-            "is linked already with identity good.test",
-        ])
-        .await;
+        logs.line_with(&["inbound link from", "is linked already as good.test"])
+            .await;
         assert_eq!(server.link_count(good.id()), 1);
         assert_eq!(
             server.peer_identity(good.id()).as_deref(),

@@ -161,9 +161,12 @@ pub(super) fn check_identity(st: &State, link: &Link) -> Result<()> {
     if held.identity == link.identity {
         return Ok(());
     }
-    let who = |i: &Option<String>| i.clone().unwrap_or_else(|| "no identity".into());
+    let who = |i: &Option<String>| match i {
+        Some(identity) => format!("as {identity}"),
+        None => "without an identity".into(),
+    };
     Err(Error::Tls(format!(
-        "node id {} is linked already with identity {}; refused a link claiming it with {}",
+        "node id {} is linked already {}; refused a link claiming it {}",
         hex(link.peer),
         who(&held.identity),
         who(&link.identity)

@@ -67,6 +67,10 @@ const READ_BUFFER: usize = 64 * 1024;
 /// [`authorize_names`](Self::authorize_names); [`Node::peer_identity`](super::Node::peer_identity)
 /// tells who it is.
 ///
+/// A value: cheap to clone (the certificates and key are shared), and dropping it
+/// changes nothing for the nodes configured with it, which keep what
+/// [`NodeConfig::tls`](super::NodeConfig::tls) built from it.
+///
 /// ```no_run
 /// # fn main() -> chanserv::Result<()> {
 /// use chanserv::{Node, NodeConfig, TlsConfig};
