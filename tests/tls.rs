@@ -433,3 +433,33 @@ async fn a_stalled_tls_handshake_times_out_and_others_link_meanwhile() {
     .await
     .expect("hung");
 }
+
+#[test]
+fn a_tls_config_that_cannot_work_is_refused_with_its_reason() {
+    let ca = Ca::new("mesh CA");
+    let (cert, key) = ca.issue_with("node.test", |_| {});
+    let (_, other_key) = ca.issue_with("other.test", |_| {});
+    let tls_err = |r: chanserv::Result<TlsConfig>| match r {
+        Err(Error::Tls(m)) => m,
+        other => panic!("expected Error::Tls, got {other:?}"),
+    };
+    let m = tls_err(TlsConfig::from_pem("", &cert, &key));
+    assert!(m.contains("CA PEM: no certificate"), "{m}");
+    let m = tls_err(TlsConfig::from_pem(ca.pem(), "", &key));
+    assert!(m.contains("certificate PEM: no certificate"), "{m}");
+    let m = tls_err(TlsConfig::from_pem(ca.pem(), &cert, &other_key));
+    assert!(m.contains("certificate and key"), "{m}");
+    let (no_name, no_name_key) = ca.issue_with("unnamed.test", |p| p.subject_alt_names.clear());
+    let m = tls_err(TlsConfig::from_pem(ca.pem(), no_name, no_name_key));
+    assert!(m.contains("no DNS subjectAltName"), "{m}");
+    let (wild, wild_key) = ca.issue_with("*.mesh.test", |_| {});
+    let m = tls_err(TlsConfig::from_pem(ca.pem(), wild, wild_key));
+    assert!(m.contains("wildcard"), "{m}");
+    let ok = TlsConfig::from_pem(ca.pem(), &cert, &key).unwrap();
+    assert_eq!(ok.identity(), "node.test");
+    let missing = std::env::temp_dir().join("chanserv-tls-no-such-file.pem");
+    match TlsConfig::from_files(&missing, &missing, &missing) {
+        Err(Error::Io(e)) => assert!(e.to_string().contains("no-such-file"), "{e}"),
+        other => panic!("expected Error::Io, got {other:?}"),
+    }
+}
