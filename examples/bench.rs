@@ -6,6 +6,7 @@
 //! cargo run --release --example bench -- flood --rt split
 //! cargo run --release --example bench -- heavy --lz4            # compressible payload
 //! cargo run --release --example bench -- heavy --lz4 --random   # incompressible payload
+//! cargo run --release --example bench -- heavy --tls            # mutual TLS 1.3 links
 //! cargo run --release --example bench -- flood --sources 100000 --frames 50
 //! cargo run --release --example bench -- mux-heavy                 # raw Node streams
 //! cargo run --release --example bench -- mux-flood
@@ -16,7 +17,8 @@
 //! frame is produced on the server per frame (a slice of one shared 1 MiB buffer) and
 //! received as its own item; the client checks every source's frame count and byte
 //! total, and the run fails if any is off. `all` runs each workload in a fresh process,
-//! so `rss_mib` (peak RSS, `VmHWM`) is per workload.
+//! so `rss_mib` (peak RSS, `VmHWM`) is per workload. `--tls` links the two nodes over
+//! mutual TLS 1.3 with certificates made at start (rcgen; not timed).
 //!
 //! `mux-heavy` and `mux-flood` measure the multiplexer alone (`peer=node`): the same
 //! shapes as `heavy`/`flood`, one `Node` stream per source, with the application code of
@@ -28,7 +30,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chanserv::{Client, ClientConfig, Node, Server, ServerConfig, Source};
+use chanserv::{Client, ClientConfig, Node, NodeConfig, Server, ServerConfig, Source};
 use futures::{stream, StreamExt};
 
 const MIB: usize = 1024 * 1024;
@@ -46,6 +48,7 @@ struct Args {
     rt: String,
     lz4: bool,
     random: bool,
+    tls: bool,
     shape: Option<Shape>,
     n: usize,
 }
@@ -56,6 +59,7 @@ fn parse_args() -> Result<Args, String> {
         rt: "shared".into(),
         lz4: false,
         random: false,
+        tls: false,
         shape: None,
         n: 20_000,
     };
@@ -73,6 +77,7 @@ fn parse_args() -> Result<Args, String> {
             "--rt" => a.rt = it.next().ok_or("--rt needs shared|split|single")?,
             "--lz4" => a.lz4 = true,
             "--random" => a.random = true,
+            "--tls" => a.tls = true,
             "--sources" => sources = Some(num("--sources")? as u32),
             "--frames" => frames = Some(num("--frames")? as u32),
             "--size" => size = Some(num("--size")?),
@@ -90,7 +95,7 @@ fn parse_args() -> Result<Args, String> {
         "flood" | "mux-flood" => Shape { sources: 1000, frames: 5000, size: 64 },
         "mux-heavy" => Shape { sources: 10, frames: 500, size: MIB },
         "all" => return Ok(a),
-        w => return Err(format!("usage: bench <connect|heavy|flood|mux-heavy|mux-flood|all> [--lz4 [--random]] [--rt shared|split|single]; unknown workload {w:?}")),
+        w => return Err(format!("usage: bench <connect|heavy|flood|mux-heavy|mux-flood|all> [--lz4 [--random]] [--tls] [--rt shared|split|single]; unknown workload {w:?}")),
     };
     if sources.is_some() || frames.is_some() || size.is_some() {
         a.shape = Some(Shape {
@@ -105,6 +110,21 @@ fn parse_args() -> Result<Args, String> {
 
 #[path = "../benches/common/payload.rs"]
 mod common;
+
+#[path = "../tests/support/certs.rs"]
+mod certs;
+
+/// The server's and the client's node settings: plaintext, or TLS with a fresh CA.
+fn node_configs(tls: bool) -> (NodeConfig, NodeConfig) {
+    if !tls {
+        return (NodeConfig::default(), NodeConfig::default());
+    }
+    let ca = certs::Ca::new("bench CA");
+    (
+        NodeConfig::default().tls(ca.node("server.bench")),
+        NodeConfig::default().tls(ca.node("client.bench")),
+    )
+}
 
 fn payload(random: bool) -> Bytes {
     common::payload(MIB, !random)
@@ -202,8 +222,9 @@ fn run(a: &Args) -> Result<String, String> {
     let cli = cli_rt.as_ref().unwrap_or(&srv_rt);
     let payload = payload(a.random);
     let lz4 = a.lz4;
+    let (srv_cfg, cli_cfg) = node_configs(a.tls);
     let (server_node, _handle) = srv_rt.block_on(async {
-        let node = Node::new();
+        let node = Node::with_config(srv_cfg);
         let addr = node
             .listen("127.0.0.1:0")
             .await
@@ -226,7 +247,7 @@ fn run(a: &Args) -> Result<String, String> {
     })?;
     let (server_node, addr) = server_node;
     let client = cli.block_on(async {
-        let node = Node::new();
+        let node = Node::with_config(cli_cfg);
         node.join(addr).await.map_err(|e| e.to_string())?.detach();
         node.wait_for_name(&a.workload, Duration::from_secs(10))
             .await
@@ -262,7 +283,8 @@ fn run(a: &Args) -> Result<String, String> {
         let p99 = lat[lat.len() * 99 / 100];
         let mean = lat.iter().sum::<f64>() / lat.len() as f64;
         format!(
-            "peer=chanserv workload=connect rt={} n={n} median_us={median:.1} p99_us={p99:.1} mean_us={mean:.1} req_per_s={:.0} cpu_util={:.2} rss_mib={:.1}",
+            "peer=chanserv workload=connect{} rt={} n={n} median_us={median:.1} p99_us={p99:.1} mean_us={mean:.1} req_per_s={:.0} cpu_util={:.2} rss_mib={:.1}",
+            if a.tls { "-tls" } else { "" },
             a.rt,
             n as f64 / secs,
             cpu / secs,
@@ -275,15 +297,12 @@ fn run(a: &Args) -> Result<String, String> {
             request(&client, &work, body, shape).await?;
             Ok::<_, String>((t0.elapsed().as_secs_f64(), cpu_secs() - c0))
         })?;
-        let variant = if a.lz4 {
-            if a.random {
-                "-lz4-random"
-            } else {
-                "-lz4"
-            }
-        } else {
-            ""
+        let variant = match (a.lz4, a.random) {
+            (true, true) => "-lz4-random",
+            (true, false) => "-lz4",
+            _ => "",
         };
+        let variant = format!("{variant}{}", if a.tls { "-tls" } else { "" });
         throughput_line(
             "chanserv",
             &format!("{}{variant}", a.workload),
@@ -340,8 +359,9 @@ fn run_mux(a: &Args) -> Result<String, String> {
             .max_frame_length(2 * MIB)
             .new_codec()
     };
+    let (srv_cfg, cli_cfg) = node_configs(a.tls);
     let (server, addr) = srv_rt.block_on(async {
-        let node = Node::new();
+        let node = Node::with_config(srv_cfg);
         let addr = node
             .listen("127.0.0.1:0")
             .await
@@ -349,7 +369,7 @@ fn run_mux(a: &Args) -> Result<String, String> {
         Ok::<_, String>((node, addr))
     })?;
     let (client, mut done) = cli.block_on(async {
-        let node = Node::new();
+        let node = Node::with_config(cli_cfg);
         node.join(addr).await.map_err(|e| e.to_string())?.detach();
         let mut sink = node.bind("sink").map_err(|e| e.to_string())?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -419,9 +439,10 @@ fn run_mux(a: &Args) -> Result<String, String> {
     measure()?; // warm-up
     let (secs, cpu) = measure()?;
     drop(client);
+    let tls = if a.tls { "-tls" } else { "" };
     Ok(throughput_line(
         "node",
-        &a.workload,
+        &format!("{}{tls}", a.workload),
         &a.rt,
         shape,
         secs,

@@ -133,6 +133,16 @@ pub enum Error {
     /// the peer.
     #[error("misuse: {0}")]
     Misuse(&'static str),
+    /// A TLS link could not be made or was refused (see
+    /// [`TlsConfig`](crate::TlsConfig)): the TLS handshake failed or timed out, the
+    /// peer presented no certificate, one not issued by the configured CA, an expired
+    /// one, or one whose identity may not link here; or the peer refused ours (the
+    /// message names the alert it sent); or the peer's identity conflicts with another
+    /// link to the same node id. Also a `TlsConfig` that cannot be loaded (bad PEM, a
+    /// key that does not match the certificate). Retrying with the same certificates
+    /// will not help.
+    #[error("tls: {0}")]
+    Tls(String),
     /// An I/O error of the underlying transport.
     #[error("i/o: {0}")]
     Io(#[from] io::Error),

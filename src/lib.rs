@@ -58,7 +58,9 @@
 //!   machine, names, rotation), `join` ([`Joined`]: one reconnect loop per address),
 //!   `stream` ([`MuxStream`], and the one read of every framed stream), `budget`
 //!   (the per-link send budget), `lifeline` (how a dead link fails every stream on
-//!   it).
+//!   it), `tls` ([`TlsConfig`]: mutual TLS 1.3 under a link, peer identities),
+//!   `authz` (which names an authenticated peer may announce, one identity per node
+//!   id).
 //! - `server/` — [`Server`]: `config`, `request` (reads a request, runs your source
 //!   function, announces the sources), `pump` (one source's child stream, batched,
 //!   watched for the client leaving).
@@ -107,6 +109,13 @@
 //! - **One client cannot pause a service**: only the service's own faults count
 //!   toward [`ServerConfig::max_error_mass`].
 //!
+//! ## Security
+//! Links are plaintext unless a node is given [`NodeConfig::tls`]: then every link it
+//! listens for or joins runs over mutually authenticated TLS 1.3, a peer's identity
+//! is its certificate's first DNS name ([`Node::peer_identity`]), and
+//! [`TlsConfig::allow_names`] says which service names each identity may announce.
+//! Loopback and tests use plaintext. `PROTOCOL.md`, "Security", has the threat model.
+//!
 //! The wire protocol is specified in `PROTOCOL.md` in the repository.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
@@ -131,7 +140,7 @@ pub use client::{Client, ClientConfig, Scatter, Sources};
 pub use error::{BoxError, Error, ErrorFn, Result, Timeout};
 pub use mux::{
     Addr, DialOptions, Joined, LinkEvent, LinkEvents, Listener, Multiplexer, MuxStream, Node,
-    NodeConfig, NodeId, NodeListener, PROTOCOL_VERSION,
+    NodeConfig, NodeId, NodeListener, TlsConfig, PROTOCOL_VERSION,
 };
 pub use server::{
     BlockedSource, MaxErrorMassFn, ServeHandle, Server, ServerConfig, ServiceStats, SourceItem,

@@ -1,8 +1,10 @@
 //! [`NodeConfig`]: every setting of a node, its default and its invariant, in one
 //! place. No behaviour.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::tls::{TlsConfig, TlsLinks};
 use super::NodeId;
 
 /// The id [`NodeConfig::node_name`] derives: FNV-1a over the name's bytes, then the
@@ -32,6 +34,7 @@ pub(super) fn id_from_name(name: &str) -> NodeId {
 /// | `split_send_size` | 256 KiB |
 /// | `close_timeout` | 2 s |
 /// | `send_queue` | 4 MiB per link |
+/// | `tls` | none: plaintext links |
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub(super) node_id: Option<NodeId>,
@@ -46,6 +49,8 @@ pub struct NodeConfig {
     pub(super) split_send_size: usize,
     pub(super) close_timeout: Duration,
     pub(super) send_queue: usize,
+    /// Built once here, shared by the node's listeners and joins.
+    pub(super) tls: Option<Arc<TlsLinks>>,
 }
 
 impl Default for NodeConfig {
@@ -63,6 +68,7 @@ impl Default for NodeConfig {
             split_send_size: 256 * 1024,
             close_timeout: Duration::from_secs(2),
             send_queue: 4 * 1024 * 1024,
+            tls: None,
         }
     }
 }
@@ -182,6 +188,23 @@ impl NodeConfig {
     pub fn send_queue(mut self, n: usize) -> Self {
         assert!(n >= 64 * 1024, "send_queue must be at least 64 KiB");
         self.send_queue = n;
+        self
+    }
+
+    /// Runs every link of [`listen`](super::Node::listen),
+    /// [`listen_unix`](super::Node::listen_unix), [`join`](super::Node::join) and
+    /// [`join_unix`](super::Node::join_unix) over mutually authenticated TLS 1.3 (see
+    /// [`TlsConfig`]). Without it links are plaintext: for loopback, tests and
+    /// networks where every host that can reach a listener is trusted.
+    /// [`Node::attach`](super::Node::attach) runs over whatever stream it is given
+    /// either way. The TLS handshake, like the link handshake after it, is bounded
+    /// by [`handshake_timeout`](Self::handshake_timeout).
+    #[must_use]
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        // `TlsConfig::from_pem` built the same configuration once already: only the
+        // policy changed since, and it cannot make a build fail.
+        let built = tls.build().expect("checked by TlsConfig::from_pem");
+        self.tls = Some(Arc::new(built));
         self
     }
 

@@ -210,6 +210,7 @@ impl Inner {
             Control::Ping => return Some(Control::Pong),
             Control::Pong => {}
             Control::Names(names) => {
+                let names = self.authorize_names(link, names);
                 tracing::debug!(peer = %hex(link.peer), ?names, "peer names");
                 self.state
                     .lock()
@@ -219,6 +220,7 @@ impl Inner {
                 self.names_changed.notify_waiters();
             }
             Control::Rotate => link.rotate(),
+            Control::Refused(names) => self.on_names_refused(link, names),
             Control::Unknown(k) => {
                 tracing::debug!(peer = %hex(link.peer), "unknown control message {k}")
             }

@@ -244,14 +244,14 @@ impl Inner {
                 if let Err(e) = s.set_nodelay(true) {
                     tracing::debug!("TCP_NODELAY: {e}");
                 }
-                self.establish(s, true, Some(owner.clone())).await
+                self.establish_socket(s, true, Some(owner.clone())).await
             }
             #[cfg(unix)]
             Rejoin::Unix(p) => {
                 let s = tokio::time::timeout(t, tokio::net::UnixStream::connect(p))
                     .await
                     .map_err(timed_out)??;
-                self.establish(s, true, Some(owner.clone())).await
+                self.establish_socket(s, true, Some(owner.clone())).await
             }
         }
     }

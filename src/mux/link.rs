@@ -55,6 +55,8 @@ pub(crate) struct Link {
     pub(super) life: Arc<Lifeline>,
     pub(super) budget: Arc<SendBudget>,
     owner: Option<LinkOwner>,
+    /// The peer's identity from its TLS certificate; `None` on a plaintext link.
+    pub(super) identity: Option<String>,
 }
 
 impl Link {
@@ -146,6 +148,7 @@ impl Inner {
         io: IO,
         initiator: bool,
         owner: Option<LinkOwner>,
+        identity: Option<String>,
     ) -> Result<Established>
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -189,12 +192,13 @@ impl Inner {
             life: Arc::new(Lifeline::default()),
             budget,
             owner,
+            identity,
         });
         let (ctl_in_tx, ctl_in_rx) = oneshot::channel();
         let driver = self.spawn_driver(&link, conn, open_rx, ctl_in_tx);
-        if !self.register(&link) {
+        if let Err(e) = self.register(&link) {
             link.cancel.cancel();
-            return Err(Error::Closed);
+            return Err(e);
         }
         let closed = CancellationToken::new();
         let inner = self.clone();
@@ -208,12 +212,13 @@ impl Inner {
     }
 
     /// Adds an established link to the routing table and tells the peer our names.
-    /// False when the node is shutting down.
-    fn register(&self, link: &Arc<Link>) -> bool {
+    /// Fails when the node is shutting down, or another identity holds the peer's id.
+    fn register(&self, link: &Arc<Link>) -> Result<()> {
         let mut st = self.state.lock().unwrap();
         if st.closed {
-            return false;
+            return Err(Error::Closed);
         }
+        super::authz::check_identity(&st, link)?;
         self.links_up.fetch_add(1, Ordering::Relaxed);
         let links = st.links.entry(link.peer).or_default();
         for older in links.iter().filter(|l| l.is_draining()) {
@@ -226,7 +231,7 @@ impl Inner {
         if first {
             self.emit(LinkEvent::Up(link.peer));
         }
-        true
+        Ok(())
     }
 
     /// The link's last steps: out of the routing table at once, then yamux's close

@@ -7,8 +7,10 @@
 //! the yamux driver, inbound streams, a link's life from up to closed), `control`
 //! (keep-alive and names on the control stream), `join` (a joined address's one
 //! reconnect loop), `stream` ([`MuxStream`]), `budget` (the per-link send budget),
-//! `lifeline` (how a dead link fails its streams). Byte layouts are in `PROTOCOL.md`
-//! ("Links", "Stream open", "Control stream") and `proto/link.rs`.
+//! `lifeline` (how a dead link fails its streams), `tls` ([`TlsConfig`]: TLS 1.3 under
+//! a link, peer identities), `authz` (what an authenticated peer may announce).
+//! Byte layouts are in `PROTOCOL.md` ("Links", "Stream open", "Control stream",
+//! "Security") and `proto/link.rs`.
 
 use std::fmt;
 use std::future::Future;
@@ -23,6 +25,7 @@ use tokio_util::sync::ReusableBoxFuture;
 use crate::error::{Error, Result};
 use crate::proto::link::MAX_NAME_LEN;
 
+mod authz;
 mod budget;
 mod config;
 mod control;
@@ -32,6 +35,7 @@ mod link;
 mod node;
 mod registry;
 mod stream;
+mod tls;
 
 pub use crate::proto::link::PROTOCOL_VERSION;
 pub use config::NodeConfig;
@@ -39,6 +43,7 @@ pub use join::Joined;
 pub use node::{Node, NodeListener};
 pub use stream::MuxStream;
 pub(crate) use stream::{from_io, poll_read_frames, read_frames};
+pub use tls::TlsConfig;
 
 /// A node id: random, 64 bits, printed as 16 hex digits.
 pub type NodeId = u64;

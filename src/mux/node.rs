@@ -131,6 +131,14 @@ impl Node {
         st.links.keys().copied().collect()
     }
 
+    /// The identity of `peer` (its certificate's first DNS name, see [`TlsConfig`](crate::TlsConfig))
+    /// while this node has a TLS link to it; `None` without a link, or over a
+    /// plaintext or [`attach`](Self::attach)ed one.
+    pub fn peer_identity(&self, peer: NodeId) -> Option<String> {
+        let st = self.inner.state.lock().unwrap();
+        st.links.get(&peer)?.last()?.identity.clone()
+    }
+
     /// How many links (including draining ones) this node has to `peer`.
     pub fn link_count(&self, peer: NodeId) -> usize {
         let st = self.inner.state.lock().unwrap();
@@ -179,12 +187,16 @@ impl Node {
     /// Runs a link over any byte stream (an in-memory duplex, stdio, TLS). `initiator`
     /// must be true on exactly one side. Returns the peer's id once the handshake is
     /// done; the link lives until the stream fails, misses its keep-alive, or the node
-    /// shuts down. No reconnection: the node cannot make a new `io`.
+    /// shuts down. No reconnection: the node cannot make a new `io`. The stream is
+    /// used as it is, even on a node with [`NodeConfig::tls`]: the link has no peer
+    /// identity and its names are not checked (a failure that a rustls stream reports
+    /// is still [`Error::Tls`]).
     pub async fn attach<IO>(&self, io: IO, initiator: bool) -> Result<NodeId>
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        Ok(self.inner.establish(io, initiator, None).await?.link.peer)
+        let r = self.inner.establish(io, initiator, None, None).await;
+        Ok(r.map_err(super::tls::classify)?.link.peer)
     }
 
     /// Closes every link, listener and join and waits for the node's tasks to end.
@@ -325,12 +337,12 @@ impl Inner {
                 r = l.accept_io() => r,
             };
             match r {
-                Ok(io) => {
+                Ok((io, from)) => {
                     backoff = MIN;
                     let inner = self.clone();
                     self.tasks.spawn(async move {
-                        if let Err(e) = inner.establish(io, false, None).await {
-                            tracing::warn!("inbound link: {e}");
+                        if let Err(e) = inner.establish_socket(io, false, None).await {
+                            tracing::warn!("inbound link from {from}: {e}");
                         }
                     });
                 }
@@ -419,28 +431,29 @@ async fn until<T>(deadline: Instant, f: impl Future<Output = Result<T>>) -> Resu
         .map_err(|_| Error::Timeout(Timeout::Dial))?
 }
 
-/// A socket listener the accept loop can take links from.
+/// A socket listener the accept loop can take links from: a socket, and where it
+/// came from (for logs).
 trait LinkListener: Send + 'static {
     type Io: AsyncRead + AsyncWrite + Send + Unpin + 'static;
-    fn accept_io(&mut self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+    fn accept_io(&mut self) -> impl Future<Output = std::io::Result<(Self::Io, String)>> + Send;
 }
 
 impl LinkListener for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
-    async fn accept_io(&mut self) -> std::io::Result<Self::Io> {
-        let (s, _) = self.accept().await?;
+    async fn accept_io(&mut self) -> std::io::Result<(Self::Io, String)> {
+        let (s, from) = self.accept().await?;
         if let Err(e) = s.set_nodelay(true) {
             tracing::debug!("TCP_NODELAY: {e}");
         }
-        Ok(s)
+        Ok((s, from.to_string()))
     }
 }
 
 #[cfg(unix)]
 impl LinkListener for tokio::net::UnixListener {
     type Io = tokio::net::UnixStream;
-    async fn accept_io(&mut self) -> std::io::Result<Self::Io> {
-        Ok(self.accept().await?.0)
+    async fn accept_io(&mut self) -> std::io::Result<(Self::Io, String)> {
+        Ok((self.accept().await?.0, "a unix socket".into()))
     }
 }
 
@@ -556,7 +569,7 @@ mod tests {
 
     impl LinkListener for Failing {
         type Io = tokio::io::DuplexStream;
-        async fn accept_io(&mut self) -> std::io::Result<Self::Io> {
+        async fn accept_io(&mut self) -> std::io::Result<(Self::Io, String)> {
             // The test reads every call; it is gone only once it has failed.
             let _ = self.calls.send(Instant::now());
             if self.fails == 0 {

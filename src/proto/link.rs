@@ -31,6 +31,7 @@ const CTL_NAMES: u8 = 1;
 const CTL_PING: u8 = 2;
 const CTL_PONG: u8 = 3;
 const CTL_ROTATE: u8 = 4;
+const CTL_REFUSED: u8 = 5;
 
 /// Largest control message: a NAMES message of thousands of names fits.
 pub(crate) const CONTROL_LIMIT: usize = 16 << 20;
@@ -202,6 +203,9 @@ pub(crate) enum Control {
     Names(BTreeSet<String>),
     /// The sender used up its stream ids on this link: redial.
     Rotate,
+    /// Names of the receiver's NAMES that the sender does not route to it (its
+    /// identity may not announce them; see `mux/authz.rs`).
+    Refused(BTreeSet<String>),
     /// A kind this version does not know (a newer peer's); ignored.
     Unknown(u8),
 }
@@ -216,14 +220,18 @@ impl Control {
             Control::Pong => CTL_PONG,
             Control::Rotate => CTL_ROTATE,
             Control::Unknown(k) => *k,
-            Control::Names(names) => {
+            Control::Names(names) | Control::Refused(names) => {
+                let kind = match self {
+                    Control::Names(_) => CTL_NAMES,
+                    _ => CTL_REFUSED,
+                };
                 let mut len = 1;
                 for name in names {
                     name_len(name)?;
                     len += 1 + name.len();
                 }
                 put_frame_header(dst, len, CONTROL_LIMIT)?;
-                dst.put_u8(CTL_NAMES);
+                dst.put_u8(kind);
                 for name in names {
                     dst.put_u8(name.len() as u8); // checked above
                     dst.put_slice(name.as_bytes());
@@ -248,6 +256,7 @@ impl Control {
             CTL_PONG => Control::Pong,
             CTL_ROTATE => Control::Rotate,
             CTL_NAMES => Control::Names(decode_names(body)),
+            CTL_REFUSED => Control::Refused(decode_names(body)),
             other => Control::Unknown(other),
         })
     }
@@ -287,9 +296,10 @@ mod tests {
             Just(Control::Ping),
             Just(Control::Pong),
             Just(Control::Rotate),
-            (5u8..).prop_map(Control::Unknown),
+            (6u8..).prop_map(Control::Unknown),
             proptest::collection::btree_set("[a-z0-9:]{0,40}|.{0,80}", 0..8)
                 .prop_map(Control::Names),
+            proptest::collection::btree_set("[a-z0-9:]{0,40}", 0..4).prop_map(Control::Refused),
         ]
     }
 
