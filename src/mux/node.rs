@@ -239,23 +239,7 @@ impl Node {
     /// [`providers`](Node::providers) gives them): its own bound names and those its
     /// linked peers announced. A snapshot; [`Node::subscribe`] tells when links change.
     pub fn services(&self) -> std::collections::BTreeMap<String, Vec<NodeId>> {
-        let st = self.inner.state.lock().unwrap();
-        let mut all: std::collections::BTreeMap<String, Vec<NodeId>> = Default::default();
-        let own = st.binds.keys().filter(|k| !k.starts_with(':'));
-        for name in own {
-            all.entry(name.clone()).or_default().push(self.inner.id);
-        }
-        for (peer, names) in &st.peer_names {
-            if st.links.contains_key(peer) {
-                for name in names {
-                    all.entry(name.clone()).or_default().push(*peer);
-                }
-            }
-        }
-        for providers in all.values_mut() {
-            providers.sort_unstable();
-        }
-        all
+        self.inner.state.lock().unwrap().services(self.inner.id)
     }
 
     /// Waits until at least `count` nodes provide the service `name` (see

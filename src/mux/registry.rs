@@ -2,7 +2,7 @@
 //! and where a dial goes (local listener, round robin, rendezvous buckets). Pure
 //! bookkeeping under the node's lock: no I/O, no tasks.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Weak};
 
 use bytes::{Bytes, BytesMut};
@@ -60,6 +60,25 @@ impl State {
             tracing::error!("names not announced: {e}");
         }
         m.freeze()
+    }
+
+    /// Every routable name with its providers, sorted (see `Node::services`).
+    pub(super) fn services(&self, here: NodeId) -> BTreeMap<String, Vec<NodeId>> {
+        let mut all: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
+        for name in self.binds.keys().filter(|k| !k.starts_with(':')) {
+            all.entry(name.clone()).or_default().push(here);
+        }
+        for (peer, names) in &self.peer_names {
+            if self.links.contains_key(peer) {
+                for name in names {
+                    all.entry(name.clone()).or_default().push(*peer);
+                }
+            }
+        }
+        for providers in all.values_mut() {
+            providers.sort_unstable();
+        }
+        all
     }
 
     /// Tells every linked peer this node's names.
