@@ -33,6 +33,7 @@ mod admin;
 mod config;
 mod mesh;
 mod node;
+mod query;
 mod relay;
 mod units;
 
@@ -64,6 +65,10 @@ struct Cli {
 enum Command {
     /// Run a mesh node: listen, join, relay the services of nodes joined to it.
     Node(node::Args),
+    /// List the services a node sees, with their providers.
+    Names(query::Args),
+    /// List the peers a node is linked to.
+    Peers(query::Args),
 }
 
 /// Why a subcommand failed: a one-line message and the exit status that says so.
@@ -136,6 +141,8 @@ fn main() -> ExitCode {
 async fn dispatch(cmd: Command) -> Result<u8, Fail> {
     match cmd {
         Command::Node(a) => node::run(a).await,
+        Command::Names(a) => query::names(a).await,
+        Command::Peers(a) => query::peers(a).await,
     }
 }
 
