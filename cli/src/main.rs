@@ -31,10 +31,12 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod config;
+mod exec;
 mod mesh;
 mod node;
 mod query;
 mod relay;
+mod serve;
 mod units;
 
 const EXAMPLES: &str = "\
@@ -65,6 +67,8 @@ struct Cli {
 enum Command {
     /// Run a mesh node: listen, join, relay the services of nodes joined to it.
     Node(node::Args),
+    /// Serve a service (a directory, a command, or an echo) from a node of its own.
+    Serve(serve::Args),
     /// List the services a node sees, with their providers.
     Names(query::Args),
     /// List the peers a node is linked to.
@@ -117,7 +121,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return clap_failure(e),
     };
-    let long_running = matches!(cli.cmd, Command::Node(_));
+    let long_running = matches!(cli.cmd, Command::Node(_) | Command::Serve(_));
     if let Err(e) = init_logging(cli.log.as_deref(), long_running) {
         return report(Fail::usage(e));
     }
@@ -141,6 +145,7 @@ fn main() -> ExitCode {
 async fn dispatch(cmd: Command) -> Result<u8, Fail> {
     match cmd {
         Command::Node(a) => node::run(a).await,
+        Command::Serve(a) => serve::run(a).await,
         Command::Names(a) => query::names(a).await,
         Command::Peers(a) => query::peers(a).await,
     }
