@@ -34,6 +34,9 @@ mod config;
 mod exec;
 mod mesh;
 mod node;
+mod output;
+mod post;
+mod progress;
 mod query;
 mod relay;
 mod serve;
@@ -69,6 +72,8 @@ enum Command {
     Node(node::Args),
     /// Serve a service (a directory, a command, or an echo) from a node of its own.
     Serve(serve::Args),
+    /// Post a request to a service and print or save its sources.
+    Post(post::Args),
     /// List the services a node sees, with their providers.
     Names(query::Args),
     /// List the peers a node is linked to.
@@ -146,6 +151,7 @@ async fn dispatch(cmd: Command) -> Result<u8, Fail> {
     match cmd {
         Command::Node(a) => node::run(a).await,
         Command::Serve(a) => serve::run(a).await,
+        Command::Post(a) => post::run(a).await,
         Command::Names(a) => query::names(a).await,
         Command::Peers(a) => query::peers(a).await,
     }
