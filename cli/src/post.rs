@@ -147,17 +147,18 @@ async fn post(node: &chanserv::Node, args: &Args, body: Bytes) -> Result<u8, Fai
     };
     let request_error = consume(&ctx, sources, args.output, args.out.is_some()).await;
     let mut sink = ctx.sink.into_inner().unwrap();
-    sink.progress
-        .finish(sink.sources, sink.failed, request_error.is_some());
-    let printed = sink
-        .printer
-        .done(sink.sources, sink.failed, request_error.as_deref());
-    if let Some(e) = sink.io_error.take().or(printed.err()) {
-        return Err(Fail::usage(format!("cannot write the output: {e}")));
+    let (count, failed) = (sink.sources, sink.failed);
+    sink.print(|p| p.done(count, failed, request_error.as_deref()));
+    sink.progress.finish(count, failed, request_error.is_some());
+    match sink.io_error {
+        // The reader left (`| head`): what it read was what it wanted.
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Some(e) => return Err(Fail::usage(format!("cannot write the output: {e}"))),
+        None => {}
     }
     match request_error {
         Some(e) => Err(Fail::request(e)),
-        None if sink.failed > 0 => Ok(SOURCE_FAILED),
+        None if failed > 0 => Ok(SOURCE_FAILED),
         None => Ok(0),
     }
 }
@@ -173,12 +174,22 @@ struct Sink {
 }
 
 impl Sink {
+    /// Prints, unless the output failed before (then nothing is printed any more).
     fn print(&mut self, f: impl FnOnce(&mut Printer) -> std::io::Result<()>) {
         if self.io_error.is_none() {
-            if let Err(e) = f(&mut self.printer) {
+            let Sink {
+                printer, progress, ..
+            } = self;
+            // Flushed at once: output shows as it arrives (a frame is one write).
+            if let Err(e) = progress.around(|| f(printer).and_then(|()| printer.flush())) {
                 self.io_error = Some(e);
             }
         }
+    }
+
+    /// True once stdout failed: reading on is pointless.
+    fn closed(&self) -> bool {
+        self.io_error.is_some()
     }
 }
 
@@ -196,6 +207,7 @@ async fn consume(ctx: &Ctx, sources: Sources, mode: Mode, saving: bool) -> Optio
     };
     let request_error = Arc::new(Mutex::new(None));
     sources
+        .take_while(|_| std::future::ready(!ctx.sink.lock().unwrap().closed()))
         .enumerate()
         .for_each_concurrent(parallel, |(i, r)| {
             let request_error = request_error.clone();
@@ -252,8 +264,11 @@ async fn print_frames(
         stats.bytes += frame.len() as u64;
         let mut sink = ctx.sink.lock().unwrap();
         sink.progress.frame(frame.len());
-        // Flushed per frame: output shows as it arrives (a frame is one write).
-        sink.print(|p| p.frame(i, &frame).and_then(|()| p.flush()));
+        sink.print(|p| p.frame(i, &frame));
+        if sink.closed() {
+            // Nobody reads on: dropping the source cancels it.
+            break;
+        }
     }
     Ok(())
 }

@@ -9,10 +9,17 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::output::Stats;
 
+/// The live line appears once a request has run this long.
+const SHOW_AFTER: Duration = Duration::from_millis(500);
+
 pub struct Progress {
     bar: Option<ProgressBar>,
     /// Plain lines (stderr is not a terminal and not `--quiet`).
     plain: bool,
+    /// stdout shares the terminal with the live line: clear it around each write.
+    stdout_tty: bool,
+    /// Whether the live line is drawn yet (after [`SHOW_AFTER`]).
+    shown: bool,
     started: Instant,
     sources: usize,
     ended: usize,
@@ -24,24 +31,45 @@ impl Progress {
     pub fn new(quiet: bool) -> Self {
         let live = !quiet && std::io::stderr().is_terminal();
         let bar = live.then(|| {
-            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            // Hidden at first: a request done in a moment leaves no line behind.
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
             // The template is a constant: it parses.
             if let Ok(style) = ProgressStyle::with_template(
                 "{spinner} {binary_bytes} ({binary_bytes_per_sec}) {msg} [{elapsed}]",
             ) {
                 bar.set_style(style);
             }
-            bar.enable_steady_tick(Duration::from_millis(100));
             bar
         });
         Progress {
             bar,
             plain: !quiet && !live,
+            stdout_tty: std::io::stdout().is_terminal(),
+            shown: false,
             started: Instant::now(),
             sources: 0,
             ended: 0,
             failed: 0,
             bytes: 0,
+        }
+    }
+
+    /// Runs `f`, which writes to stdout, with the live line out of its way.
+    pub fn around<R>(&self, f: impl FnOnce() -> R) -> R {
+        match &self.bar {
+            Some(b) if self.stdout_tty => b.suspend(f),
+            _ => f(),
+        }
+    }
+
+    /// Draws the live line once the request has run for [`SHOW_AFTER`].
+    fn show(&mut self) {
+        if let Some(b) = &self.bar {
+            if !self.shown && self.started.elapsed() >= SHOW_AFTER {
+                self.shown = true;
+                b.set_draw_target(ProgressDrawTarget::stderr());
+                b.enable_steady_tick(Duration::from_millis(100));
+            }
         }
     }
 
@@ -55,6 +83,7 @@ impl Progress {
 
     pub fn source_started(&mut self) {
         self.sources += 1;
+        self.show();
         if let Some(b) = &self.bar {
             b.set_message(self.message());
         }
@@ -62,6 +91,7 @@ impl Progress {
 
     pub fn frame(&mut self, len: usize) {
         self.bytes += len as u64;
+        self.show();
         if let Some(b) = &self.bar {
             b.inc(len as u64);
         }
@@ -84,8 +114,10 @@ impl Progress {
         match &self.bar {
             Some(b) => {
                 b.set_message(self.message());
-                if error.is_some() {
-                    b.println(line);
+                match (error, self.shown) {
+                    (None, _) => {}
+                    (Some(_), true) => b.println(line),
+                    (Some(_), false) => eprintln!("{line}"),
                 }
             }
             None if self.plain => eprintln!("{line}"),

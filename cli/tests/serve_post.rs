@@ -243,3 +243,26 @@ fn a_client_that_leaves_kills_the_command() {
     post.signal("KILL");
     eventually("the command is killed", || gone(&pid));
 }
+
+#[test]
+fn a_reader_that_leaves_early_is_no_error() {
+    use std::io::Read;
+    let (_node, addr) = node(&[]);
+    let (_dir, _svc) = serve_files(&addr);
+    let mut post = std::process::Command::new(support::BIN)
+        .args(["post", "files", "--join", &addr, "-o", "raw"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 10];
+    post.stdout.take().unwrap().read_exact(&mut first).unwrap(); // then the pipe closes
+    let mut guard = Proc::adopt(post);
+    let status = guard.wait_exit(support::BOUND);
+    assert_eq!(status.code(), Some(0), "stderr: {}", guard.stderr());
+    assert!(
+        !guard.stderr().contains("cannot write"),
+        "{}",
+        guard.stderr()
+    );
+}
