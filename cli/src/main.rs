@@ -194,8 +194,11 @@ fn clap_failure(e: clap::Error) -> ExitCode {
 fn init_logging(filter: Option<&str>, long_running: bool) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let default = if long_running {
-        // yamux warns when both ends of a link close at once (as nodes do at exit).
-        "warn,yamux=error"
+        // yamux warns when both ends of a link close at once (as nodes do at exit),
+        // and the library's control loop when a names update meets a link that is
+        // closing (as services unbinding at shutdown do): the link events we print
+        // already say what happened to links.
+        "warn,yamux=error,chanserv::mux::control=error"
     } else {
         "off"
     };
