@@ -82,3 +82,29 @@ fn a_config_file_sets_what_flags_do() {
     assert_eq!(bad.code, Some(1));
     assert_eq!(bad.stderr_lines().len(), 1, "{}", bad.stderr);
 }
+
+#[test]
+fn the_node_relays_to_every_provider_and_forgets_those_that_leave() {
+    let (mut node, addr) = node(&[]);
+    let a = serve(&["who", "--join", &addr, "--exec", "echo", "A"]);
+    node.wait_line("relay add who");
+    let mut b = serve(&["who", "--join", &addr, "--exec", "echo", "B"]);
+    b.wait_line("link up");
+    // Requests take turns among the providers the relay sees.
+    let mut seen = String::new();
+    for _ in 0..8 {
+        let got = run(&["post", "who", "--join", &addr, "-o", "raw", "-q"], b"");
+        assert_eq!(got.code, Some(0), "{got:?}");
+        seen.push_str(&got.stdout_text());
+        if seen.contains('A') && seen.contains('B') {
+            break;
+        }
+    }
+    assert!(seen.contains('A') && seen.contains('B'), "{seen}");
+    drop(a);
+    b.signal("TERM");
+    b.wait_line("stopped");
+    node.wait_line("relay remove who");
+    let names = run(&["names", "--join", &addr], b"").stdout_text();
+    assert!(!names.contains("who"), "{names}");
+}
