@@ -52,10 +52,12 @@ pub struct IdentArgs {
     /// Derive this node's id from a name (the same on every host).
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
-    /// How often an idle link is pinged [default: 5s].
+    /// How often an idle link is pinged [default: 5s, or a quarter of
+    /// --keepalive-timeout if that is shorter].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub keepalive: Option<Duration>,
-    /// How long a link may stay silent before it is declared dead [default: 20s].
+    /// How long a link may stay silent before it is declared dead [default: 20s, or 4
+    /// times --keepalive if that is longer].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub keepalive_timeout: Option<Duration>,
 }
@@ -85,8 +87,13 @@ impl Plan {
     /// usage error here, not a panic in the library.
     pub fn node_config(&self) -> Result<NodeConfig, Fail> {
         let i = &self.ident;
-        let interval = i.keepalive.unwrap_or(KEEPALIVE.0);
-        let timeout = i.keepalive_timeout.unwrap_or(KEEPALIVE.1.max(interval * 4));
+        // One given alone sets the other: a timeout of 4 pings, at least the default.
+        let (interval, timeout) = match (i.keepalive, i.keepalive_timeout) {
+            (Some(i), Some(t)) => (i, t),
+            (Some(i), None) => (i, KEEPALIVE.1.max(i * 4)),
+            (None, Some(t)) => (KEEPALIVE.0.min(t / 4), t),
+            (None, None) => KEEPALIVE,
+        };
         if interval.is_zero() || interval >= timeout {
             return Err(Fail::usage(format!(
                 "--keepalive ({interval:?}) must be above 0 and shorter than --keepalive-timeout ({timeout:?})"
@@ -275,6 +282,38 @@ pub async fn stop_or_second_signal(
         sig = signals.recv() => {
             eprintln!("chanserv: second {sig}, exiting now");
             std::process::exit(130);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keepalive(i: Option<u64>, t: Option<u64>) -> Result<NodeConfig, Fail> {
+        let ms = |v: Option<u64>| v.map(Duration::from_millis);
+        let mut plan = Plan::default();
+        plan.ident.keepalive = ms(i);
+        plan.ident.keepalive_timeout = ms(t);
+        plan.node_config()
+    }
+
+    #[test]
+    fn one_keepalive_setting_implies_the_other_and_bad_pairs_are_usage_errors() {
+        for (i, t) in [
+            (None, None),
+            (Some(200), None),
+            (None, Some(1000)),
+            (Some(30_000), None),
+        ] {
+            assert!(keepalive(i, t).is_ok(), "{i:?} {t:?}");
+        }
+        for (i, t) in [(Some(5000), Some(1000)), (Some(0), None), (None, Some(0))] {
+            assert_eq!(
+                keepalive(i, t).map(|_| ()).unwrap_err().code,
+                1,
+                "{i:?} {t:?}"
+            );
         }
     }
 }
