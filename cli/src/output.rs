@@ -17,7 +17,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use serde_json::json;
+use serde::Serialize;
 
 /// `--output`.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +60,7 @@ impl Printer {
         }
     }
 
-    fn json(&mut self, v: serde_json::Value) -> io::Result<()> {
+    fn json(&mut self, v: Event) -> io::Result<()> {
         serde_json::to_writer(&mut self.out, &v)?;
         self.out.write_all(b"\n")
     }
@@ -81,14 +81,11 @@ impl Printer {
                 writeln!(self.out, "source {i} {}", quoted(header))
             }
             Mode::Raw => Ok(()),
-            Mode::Json => {
-                let mut v = json!({"event": "source", "source": i,
-                    "header": String::from_utf8_lossy(header)});
-                if std::str::from_utf8(header).is_err() {
-                    v["header_hex"] = hex(header).into();
-                }
-                self.json(v)
-            }
+            Mode::Json => self.json(Event {
+                header: Some(String::from_utf8_lossy(header)),
+                header_hex: std::str::from_utf8(header).is_err().then(|| hex(header)),
+                ..Event::new("source", i)
+            }),
         }
     }
 
@@ -106,12 +103,13 @@ impl Printer {
             Mode::Hex => writeln!(self.out, "frame {i} {} {}", data.len(), hex(data)),
             Mode::Raw => self.out.write_all(data),
             Mode::Json => {
-                let mut v = json!({"event": "frame", "source": i, "len": data.len()});
-                match std::str::from_utf8(data) {
-                    Ok(s) => v["text"] = s.into(),
-                    Err(_) => v["hex"] = hex(data).into(),
-                }
-                self.json(v)
+                let text = std::str::from_utf8(data).ok();
+                self.json(Event {
+                    len: Some(data.len()),
+                    text,
+                    hex: text.is_none().then(|| hex(data)),
+                    ..Event::new("frame", i)
+                })
             }
         }
     }
@@ -140,14 +138,12 @@ impl Printer {
                 writeln!(self.out)
             }
             Mode::Raw => Ok(()),
-            Mode::Json => {
-                let mut v =
-                    json!({"event": "end", "source": i, "frames": s.frames, "bytes": s.bytes});
-                if let Some(f) = file {
-                    v["file"] = f.display().to_string().into();
-                }
-                self.json(v)
-            }
+            Mode::Json => self.json(Event {
+                frames: Some(s.frames),
+                bytes: Some(s.bytes),
+                file: file.map(|f| f.display().to_string()),
+                ..Event::new("end", i)
+            }),
         }
     }
 
@@ -166,8 +162,12 @@ impl Printer {
                 )
             }
             Mode::Raw => Ok(()),
-            Mode::Json => self.json(json!({"event": "error", "source": i, "error": msg,
-                "frames": s.frames, "bytes": s.bytes})),
+            Mode::Json => self.json(Event {
+                frames: Some(s.frames),
+                bytes: Some(s.bytes),
+                error: Some(msg),
+                ..Event::new("error", i)
+            }),
         }
     }
 
@@ -181,9 +181,22 @@ impl Printer {
     ) -> io::Result<()> {
         if self.mode == Mode::Json {
             if let Some(e) = request_error {
-                self.json(json!({"event": "request_error", "error": e}))?;
+                self.json(
+                    Event {
+                        error: Some(e),
+                        ..Event::default()
+                    }
+                    .named("request_error"),
+                )?;
             }
-            self.json(json!({"event": "done", "sources": sources, "failed": failed}))?;
+            self.json(
+                Event {
+                    sources: Some(sources),
+                    failed: Some(failed),
+                    ..Event::default()
+                }
+                .named("done"),
+            )?;
         } else {
             self.newline()?;
         }
@@ -192,6 +205,50 @@ impl Printer {
 
     pub fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+/// One JSON line: the fields in this order, those that are `None` left out.
+#[derive(Serialize, Default)]
+struct Event<'a> {
+    event: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    header: Option<std::borrow::Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    header_hex: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    len: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hex: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frames: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sources: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed: Option<usize>,
+}
+
+impl Event<'_> {
+    fn new(event: &'static str, source: usize) -> Self {
+        Event {
+            event,
+            source: Some(source),
+            ..Event::default()
+        }
+    }
+
+    fn named(self, event: &'static str) -> Self {
+        Event { event, ..self }
     }
 }
 
@@ -262,6 +319,29 @@ impl Saver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_lines_say_the_event_first_and_leave_out_what_is_absent() {
+        let frame = Event {
+            len: Some(2),
+            text: Some("hi"),
+            ..Event::new("frame", 0)
+        };
+        assert_eq!(
+            serde_json::to_string(&frame).unwrap(),
+            r#"{"event":"frame","source":0,"len":2,"text":"hi"}"#
+        );
+        let done = Event {
+            sources: Some(1),
+            failed: Some(0),
+            ..Event::default()
+        }
+        .named("done");
+        assert_eq!(
+            serde_json::to_string(&done).unwrap(),
+            r#"{"event":"done","sources":1,"failed":0}"#
+        );
+    }
 
     #[test]
     fn names_stay_in_their_directory() {
