@@ -1,0 +1,319 @@
+//! A node from the command line: the flags every subcommand shares (identity,
+//! keep-alive, listen, join), the node they make, its link events as lines, and the
+//! signals that stop it. It owns no service: the subcommands bind those.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chanserv::{Joined, LinkEvent, LinkEvents, Node, NodeConfig};
+use futures::StreamExt;
+
+use crate::units::{hex, parse_duration, parse_node_id};
+use crate::Fail;
+
+/// Keep-alive interval and timeout when none is given (the library's defaults).
+const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(20));
+/// How long a join may take (TCP connect and handshake) when none is given.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where to join the mesh.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct JoinArgs {
+    /// Join the node listening on this TCP address (repeatable).
+    #[arg(long = "join", value_name = "HOST:PORT")]
+    pub join: Vec<String>,
+    /// Join the node listening on this Unix socket (repeatable).
+    #[arg(long = "join-unix", value_name = "PATH")]
+    pub join_unix: Vec<PathBuf>,
+    /// Longest wait for each join, TCP connect and handshake [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub connect_timeout: Option<Duration>,
+}
+
+/// Where to accept links from other nodes.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ListenArgs {
+    /// Accept links on this TCP address (repeatable; port 0 picks a free port, and the
+    /// bound address is printed).
+    #[arg(long = "listen", value_name = "HOST:PORT")]
+    pub listen: Vec<String>,
+    /// Accept links on this Unix socket (repeatable; removed again at exit).
+    #[arg(long = "listen-unix", value_name = "PATH")]
+    pub listen_unix: Vec<PathBuf>,
+}
+
+/// Who this node is and how it keeps its links alive.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct IdentArgs {
+    /// This node's id, 16 hex digits [default: random].
+    #[arg(long, value_name = "HEX", value_parser = parse_node_id, conflicts_with = "name")]
+    pub id: Option<u64>,
+    /// Derive this node's id from a name (the same on every host).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// How often an idle link is pinged [default: 5s, or a quarter of
+    /// --keepalive-timeout if that is shorter].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub keepalive: Option<Duration>,
+    /// How long a link may stay silent before it is declared dead [default: 20s, or 4
+    /// times --keepalive if that is longer].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub keepalive_timeout: Option<Duration>,
+}
+
+/// Everything needed to start a node, flags and config file merged.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub ident: IdentArgs,
+    pub listen: ListenArgs,
+    pub join: JoinArgs,
+}
+
+/// A started node: what it listens on, the joins it holds, its link events.
+pub struct Mesh {
+    pub node: Node,
+    /// Bound addresses as printed: `127.0.0.1:7000`, `unix:/path`.
+    pub listening: Vec<String>,
+    /// Each joined address (as given) and its handle; dropping one leaves.
+    pub joined: Vec<(String, Joined)>,
+    /// Subscribed before the first join, so no link of ours goes unseen.
+    pub events: LinkEvents,
+    unix_paths: Vec<PathBuf>,
+}
+
+impl Plan {
+    /// The node's settings; a keep-alive interval not shorter than its timeout is a
+    /// usage error here, not a panic in the library.
+    pub fn node_config(&self) -> Result<NodeConfig, Fail> {
+        let i = &self.ident;
+        // One given alone sets the other: a timeout of 4 pings, at least the default.
+        let (interval, timeout) = match (i.keepalive, i.keepalive_timeout) {
+            (Some(i), Some(t)) => (i, t),
+            (Some(i), None) => (i, KEEPALIVE.1.max(i * 4)),
+            (None, Some(t)) => (KEEPALIVE.0.min(t / 4), t),
+            (None, None) => KEEPALIVE,
+        };
+        if interval.is_zero() || interval >= timeout {
+            return Err(Fail::usage(format!(
+                "--keepalive ({interval:?}) must be above 0 and shorter than --keepalive-timeout ({timeout:?})"
+            )));
+        }
+        let mut cfg = NodeConfig::default().keepalive(interval, timeout);
+        if let Some(id) = i.id {
+            cfg = cfg.node_id(id);
+        } else if let Some(name) = &i.name {
+            cfg = cfg.node_name(name);
+        }
+        Ok(cfg)
+    }
+
+    /// Makes the node, listens, then joins: any failure is a one-line [`Fail`].
+    pub async fn start(&self) -> Result<Mesh, Fail> {
+        let node = Node::with_config(self.node_config()?);
+        let events = node.subscribe();
+        let mut mesh = Mesh {
+            node,
+            listening: Vec::new(),
+            joined: Vec::new(),
+            events,
+            unix_paths: Vec::new(),
+        };
+        for addr in &self.listen.listen {
+            let bound =
+                mesh.node.listen(addr.as_str()).await.map_err(|e| {
+                    Fail::usage(format!("cannot listen on {addr}: {}", describe(&e)))
+                })?;
+            mesh.listening.push(bound.to_string());
+        }
+        for path in &self.listen.listen_unix {
+            mesh.node.listen_unix(path).await.map_err(|e| {
+                Fail::usage(format!(
+                    "cannot listen on {}: {}",
+                    path.display(),
+                    describe(&e)
+                ))
+            })?;
+            mesh.unix_paths.push(path.clone());
+            mesh.listening.push(format!("unix:{}", path.display()));
+        }
+        let within = self.join.connect_timeout.unwrap_or(CONNECT_TIMEOUT);
+        for addr in &self.join.join {
+            let j = join_tcp(&mesh.node, addr, within).await?;
+            mesh.joined.push((addr.clone(), j));
+        }
+        for path in &self.join.join_unix {
+            let shown = format!("unix:{}", path.display());
+            let j = bounded(within, &shown, mesh.node.join_unix(path)).await?;
+            mesh.joined.push((shown, j));
+        }
+        Ok(mesh)
+    }
+}
+
+/// Joins a `HOST:PORT`, trying each address it resolves to.
+async fn join_tcp(node: &Node, addr: &str, within: Duration) -> Result<Joined, Fail> {
+    let resolved: Vec<SocketAddr> = tokio::time::timeout(within, tokio::net::lookup_host(addr))
+        .await
+        .map_err(|_| Fail::usage(format!("cannot join {addr}: name lookup timed out")))?
+        .map_err(|e| Fail::usage(format!("cannot join {addr}: {e}")))?
+        .collect();
+    let mut last = Fail::usage(format!("cannot join {addr}: it resolves to no address"));
+    for sa in resolved {
+        match bounded(within, addr, node.join(sa)).await {
+            Ok(j) => return Ok(j),
+            Err(f) => last = f,
+        }
+    }
+    Err(last)
+}
+
+async fn bounded(
+    within: Duration,
+    shown: &str,
+    join: impl std::future::Future<Output = chanserv::Result<Joined>>,
+) -> Result<Joined, Fail> {
+    match tokio::time::timeout(within, join).await {
+        Ok(Ok(j)) => Ok(j),
+        Ok(Err(e)) => Err(Fail::usage(format!(
+            "cannot join {shown}: {}",
+            describe(&e)
+        ))),
+        Err(_) => Err(Fail::usage(format!(
+            "cannot join {shown}: no link within {within:?} (--connect-timeout)"
+        ))),
+    }
+}
+
+impl Mesh {
+    /// Prints who this node is: `node <id>`, a `listen <addr>` per address and a
+    /// `joined <addr> <peer id>` per join.
+    pub fn print_identity(&self) {
+        println!("node {}", hex(self.node.id()));
+        for l in &self.listening {
+            println!("listen {l}");
+        }
+        for (addr, j) in &self.joined {
+            println!("joined {addr} {}", hex(j.peer()));
+        }
+    }
+
+    /// Waits for the next link event and prints it: `link up <peer>`, `link down
+    /// <peer>`, `link missed <count>`. Pending forever once the node is gone.
+    pub async fn print_next_event(&mut self) {
+        match self.events.next().await {
+            Some(LinkEvent::Up(p)) => println!("link up {}", hex(p)),
+            Some(LinkEvent::Down(p)) => println!("link down {}", hex(p)),
+            Some(LinkEvent::Missed(n)) => println!("link missed {n}"),
+            Some(other) => println!("link {other:?}"),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Closes every link and listener, waiting at most `within`, and removes the Unix
+    /// sockets this node listened on.
+    pub async fn shutdown(self, within: Duration) {
+        drop(self.joined);
+        if tokio::time::timeout(within, self.node.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the node did not shut down within {within:?}");
+        }
+        for p in &self.unix_paths {
+            // Gone already is fine.
+            drop(std::fs::remove_file(p));
+        }
+    }
+}
+
+/// A library error as one line: an I/O error without the library's `i/o:` prefix.
+pub fn describe(e: &chanserv::Error) -> String {
+    match e {
+        chanserv::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// SIGINT and SIGTERM.
+pub struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers (from now on these signals no longer kill the process).
+    pub fn new() -> Result<Signals, Fail> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let err = |e: std::io::Error| Fail::usage(format!("cannot handle signals: {e}"));
+        Ok(Signals {
+            int: signal(SignalKind::interrupt()).map_err(err)?,
+            term: signal(SignalKind::terminate()).map_err(err)?,
+        })
+    }
+
+    /// The next SIGINT or SIGTERM, by name.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
+}
+
+/// Runs `mesh` until a signal: prints its link events meanwhile. Returns the signal.
+pub async fn until_signal(mesh: &mut Mesh, signals: &mut Signals) -> &'static str {
+    loop {
+        tokio::select! {
+            sig = signals.recv() => return sig,
+            () = mesh.print_next_event() => {}
+        }
+    }
+}
+
+/// Runs `stop` (a graceful shutdown), unless a second signal comes first: then the
+/// process exits at once with status 130.
+pub async fn stop_or_second_signal(
+    signals: &mut Signals,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::select! {
+        () = stop => {}
+        sig = signals.recv() => {
+            eprintln!("chanserv: second {sig}, exiting now");
+            std::process::exit(130);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keepalive(i: Option<u64>, t: Option<u64>) -> Result<NodeConfig, Fail> {
+        let ms = |v: Option<u64>| v.map(Duration::from_millis);
+        let mut plan = Plan::default();
+        plan.ident.keepalive = ms(i);
+        plan.ident.keepalive_timeout = ms(t);
+        plan.node_config()
+    }
+
+    #[test]
+    fn one_keepalive_setting_implies_the_other_and_bad_pairs_are_usage_errors() {
+        for (i, t) in [
+            (None, None),
+            (Some(200), None),
+            (None, Some(1000)),
+            (Some(30_000), None),
+        ] {
+            assert!(keepalive(i, t).is_ok(), "{i:?} {t:?}");
+        }
+        for (i, t) in [(Some(5000), Some(1000)), (Some(0), None), (None, Some(0))] {
+            assert_eq!(
+                keepalive(i, t).map(|_| ()).unwrap_err().code,
+                1,
+                "{i:?} {t:?}"
+            );
+        }
+    }
+}

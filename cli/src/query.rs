@@ -1,0 +1,126 @@
+//! `chanserv names` and `chanserv peers`: join one node and ask its admin service
+//! (see `admin`) what it sees. Output: text lines, or the node's JSON (`--json`).
+
+use std::time::Duration;
+
+use chanserv::{Client, NodeId};
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+
+use crate::admin::{is_reserved, NamesReply, PeersReply, ADMIN};
+use crate::mesh::{describe, JoinArgs, Plan};
+use crate::units::parse_duration;
+use crate::Fail;
+
+const EXAMPLES: &str = "\
+Examples:
+  chanserv names --join 127.0.0.1:7000          # NAME PROVIDER...
+  chanserv names --join 127.0.0.1:7000 --all    # with the reserved chanserv.* names
+  chanserv peers --join-unix /tmp/chanserv.sock --json
+
+The node must be one the CLI runs (chanserv node or chanserv serve): they answer the
+admin service chanserv.admin.";
+
+/// `chanserv names` / `chanserv peers` flags.
+#[derive(clap::Args, Debug)]
+#[command(after_help = EXAMPLES)]
+pub struct Args {
+    #[command(flatten)]
+    join: JoinArgs,
+    /// Print the node's answer as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Also list the names the CLI reserves (chanserv.*).
+    #[arg(long)]
+    all: bool,
+    /// Longest wait for the node's admin service.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+/// `chanserv names`: `node <id>`, then `NAME PROVIDER...` per service.
+pub async fn names(args: Args) -> Result<u8, Fail> {
+    let (json, reply) = ask::<NamesReply>(&args, "names").await?;
+    if args.json {
+        println!("{json}");
+        return Ok(0);
+    }
+    println!("node {}", reply.node);
+    for (name, providers) in &reply.services {
+        if args.all || !is_reserved(name) {
+            println!("{name} {}", providers.join(" "));
+        }
+    }
+    Ok(0)
+}
+
+/// `chanserv peers`: `node <id>`, `listen <addr>` lines, then `peer <id> links <n>`.
+pub async fn peers(args: Args) -> Result<u8, Fail> {
+    let (json, reply) = ask::<PeersReply>(&args, "peers").await?;
+    if args.json {
+        println!("{json}");
+        return Ok(0);
+    }
+    println!("node {}", reply.node);
+    for l in &reply.listen {
+        println!("listen {l}");
+    }
+    for p in &reply.peers {
+        println!("peer {} links {}", p.id, p.links);
+    }
+    Ok(0)
+}
+
+/// Joins the one node of `args` and posts `what` to its admin service.
+async fn ask<T: DeserializeOwned>(args: &Args, what: &str) -> Result<(String, T), Fail> {
+    if args.join.join.len() + args.join.join_unix.len() != 1 {
+        return Err(Fail::usage(
+            "give the node to ask: exactly one --join or --join-unix",
+        ));
+    }
+    let plan = Plan {
+        join: args.join.clone(),
+        ..Plan::default()
+    };
+    let mesh = plan.start().await?;
+    let (shown, peer) = {
+        let (shown, j) = &mesh.joined[0];
+        (shown.clone(), j.peer())
+    };
+    let r = post_admin(&mesh.node, peer, what, args.timeout).await;
+    mesh.shutdown(Duration::from_secs(1)).await;
+    let json = r.map_err(|e| Fail::usage(format!("asking {shown}: {e}")))?;
+    let reply = serde_json::from_slice(&json)
+        .map_err(|e| Fail::usage(format!("{shown} answered {what} with bad JSON: {e}")))?;
+    Ok((String::from_utf8_lossy(&json).into_owned(), reply))
+}
+
+async fn post_admin(
+    node: &chanserv::Node,
+    peer: NodeId,
+    what: &str,
+    within: Duration,
+) -> Result<Vec<u8>, String> {
+    node.wait_for_name(ADMIN, within)
+        .await
+        .map_err(|_| format!("no {ADMIN} service within {within:?}: is it a chanserv node?"))?;
+    let client = Client::new(node.clone()).map_err(|e| e.to_string())?;
+    let work = async {
+        let mut sources = client
+            .post_to(peer, ADMIN, what.to_owned(), &[])
+            .await
+            .map_err(|e| describe(&e))?;
+        let mut source = match sources.next().await {
+            Some(s) => s.map_err(|e| e.to_string())?,
+            None => return Err("the admin service answered nothing".to_owned()),
+        };
+        let mut json = Vec::new();
+        while let Some(frame) = source.next().await {
+            json.extend_from_slice(&frame.map_err(|e| e.to_string())?);
+        }
+        Ok(json)
+    };
+    tokio::time::timeout(within, work)
+        .await
+        .map_err(|_| format!("no answer within {within:?}"))?
+}
