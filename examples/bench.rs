@@ -53,6 +53,19 @@ struct Args {
     n: usize,
 }
 
+impl Args {
+    /// The workload as the output line names it: `heavy-lz4-random-tls` and so on.
+    fn label(&self) -> String {
+        let lz4 = match (self.lz4, self.random) {
+            (true, true) => "-lz4-random",
+            (true, false) => "-lz4",
+            _ => "",
+        };
+        let tls = if self.tls { "-tls" } else { "" };
+        format!("{}{lz4}{tls}", self.workload)
+    }
+}
+
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         workload: String::new(),
@@ -283,8 +296,8 @@ fn run(a: &Args) -> Result<String, String> {
         let p99 = lat[lat.len() * 99 / 100];
         let mean = lat.iter().sum::<f64>() / lat.len() as f64;
         format!(
-            "peer=chanserv workload=connect{} rt={} n={n} median_us={median:.1} p99_us={p99:.1} mean_us={mean:.1} req_per_s={:.0} cpu_util={:.2} rss_mib={:.1}",
-            if a.tls { "-tls" } else { "" },
+            "peer=chanserv workload={} rt={} n={n} median_us={median:.1} p99_us={p99:.1} mean_us={mean:.1} req_per_s={:.0} cpu_util={:.2} rss_mib={:.1}",
+            a.label(),
             a.rt,
             n as f64 / secs,
             cpu / secs,
@@ -297,20 +310,7 @@ fn run(a: &Args) -> Result<String, String> {
             request(&client, &work, body, shape).await?;
             Ok::<_, String>((t0.elapsed().as_secs_f64(), cpu_secs() - c0))
         })?;
-        let variant = match (a.lz4, a.random) {
-            (true, true) => "-lz4-random",
-            (true, false) => "-lz4",
-            _ => "",
-        };
-        let variant = format!("{variant}{}", if a.tls { "-tls" } else { "" });
-        throughput_line(
-            "chanserv",
-            &format!("{}{variant}", a.workload),
-            &a.rt,
-            shape,
-            secs,
-            cpu,
-        )
+        throughput_line("chanserv", &a.label(), &a.rt, shape, secs, cpu)
     };
     drop(server_node);
     Ok(line)
@@ -439,15 +439,7 @@ fn run_mux(a: &Args) -> Result<String, String> {
     measure()?; // warm-up
     let (secs, cpu) = measure()?;
     drop(client);
-    let tls = if a.tls { "-tls" } else { "" };
-    Ok(throughput_line(
-        "node",
-        &format!("{}{tls}", a.workload),
-        &a.rt,
-        shape,
-        secs,
-        cpu,
-    ))
+    Ok(throughput_line("node", &a.label(), &a.rt, shape, secs, cpu))
 }
 
 /// One request: every source read on its own task, every count and byte checked.
