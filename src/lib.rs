@@ -63,7 +63,8 @@
 //!   id).
 //! - `server/` — [`Server`]: `config`, `request` (reads a request, runs your source
 //!   function, announces the sources), `pump` (one source's child stream, batched,
-//!   watched for the client leaving).
+//!   watched for the client leaving), `stats` ([`ServiceStats`]: counters and the
+//!   sources a slow consumer holds back).
 //! - `client/` — [`Client`] ([`Client::lookup_and_post`], [`Client::post_to`]):
 //!   `config` ([`ClientConfig`]), `sources` ([`Sources`]: the master stream, read when
 //!   polled), `accept` (the one accept loop that routes child streams to their
