@@ -9,6 +9,10 @@ use chanserv::{Client, LinkEvent, Node, NodeConfig, RequestTag, ServeHandle, Ser
 use futures::{stream, StreamExt};
 use tokio::time::timeout;
 
+#[path = "support/mesh.rs"]
+mod mesh;
+use mesh::link;
+
 const T: Duration = Duration::from_secs(20);
 const BUCKETS: usize = 48;
 
@@ -25,15 +29,6 @@ fn server(cfg: NodeConfig) -> (Node, ServeHandle) {
         })
         .unwrap();
     (node, svc)
-}
-
-/// Links `client` to `server` over an in-memory pipe.
-async fn link(client: &Node, server: &Node) {
-    let (a, b) = tokio::io::duplex(1 << 16);
-    let s = server.clone();
-    let accept = tokio::spawn(async move { s.attach(b, false).await });
-    assert_eq!(client.attach(a, true).await.unwrap(), server.id());
-    accept.await.unwrap().unwrap();
 }
 
 /// Which server owns each bucket, as the client sees it.

@@ -8,6 +8,10 @@ use chanserv::{Client, Error, Node, ServeHandle, Server, Source};
 use futures::{stream, StreamExt};
 use tokio::time::{timeout, Instant};
 
+#[path = "support/mesh.rs"]
+mod mesh;
+use mesh::link;
+
 const T: Duration = Duration::from_secs(20);
 
 #[derive(Clone, Copy)]
@@ -36,14 +40,6 @@ fn provider(kind: Kind) -> (Node, ServeHandle) {
         })
         .unwrap();
     (node, svc)
-}
-
-async fn link(client: &Node, server: &Node) {
-    let (a, b) = tokio::io::duplex(1 << 16);
-    let s = server.clone();
-    let accept = tokio::spawn(async move { s.attach(b, false).await });
-    client.attach(a, true).await.unwrap();
-    accept.await.unwrap().unwrap();
 }
 
 /// What a scatter over providers of these kinds yields: per provider, the headers of

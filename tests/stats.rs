@@ -3,18 +3,15 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use chanserv::{Client, Node, Server, Source};
+use chanserv::{Client, Server, Source};
 use futures::{stream, StreamExt};
 use tokio::time::timeout;
 
-const T: Duration = Duration::from_secs(20);
+#[path = "support/mesh.rs"]
+mod mesh;
+use mesh::pair;
 
-async fn pair() -> (Node, Node) {
-    let (a, b) = (Node::new(), Node::new());
-    let addr = a.listen("127.0.0.1:0").await.unwrap();
-    b.join(addr).await.unwrap().detach();
-    (a, b)
-}
+const T: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn counters_add_up_after_a_known_workload() {
