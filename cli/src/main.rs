@@ -191,8 +191,13 @@ fn clap_failure(e: clap::Error) -> ExitCode {
     }
 }
 
+/// Logs of the library on stderr. A filter is `level` or `target=level` items, comma
+/// separated (as RUST_LOG's simple form): a target filter without regular
+/// expressions keeps `regex` out of the binary.
 fn init_logging(filter: Option<&str>, long_running: bool) -> Result<(), String> {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let default = if long_running {
         // yamux warns when both ends of a link close at once (as nodes do at exit),
         // and the library's control loop when a names update meets a link that is
@@ -202,17 +207,20 @@ fn init_logging(filter: Option<&str>, long_running: bool) -> Result<(), String> 
     } else {
         "off"
     };
-    let filter = match filter
+    let filter = filter
         .map(str::to_owned)
         .or_else(|| std::env::var("RUST_LOG").ok())
-    {
-        Some(f) => EnvFilter::try_new(&f).map_err(|e| format!("bad log filter {f:?}: {e}"))?,
-        None => EnvFilter::new(default),
-    };
+        .unwrap_or_else(|| default.to_owned());
+    let targets: Targets = filter
+        .parse()
+        .map_err(|e| format!("bad log filter {filter:?}: {e}"))?;
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        // The builder's own default stops at INFO: let `targets` decide alone.
+        .with_max_level(tracing_subscriber::filter::LevelFilter::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        .finish()
+        .with(targets)
         .try_init()
         .map_err(|e| format!("cannot set up logging: {e}"))
 }

@@ -108,3 +108,20 @@ fn the_node_relays_to_every_provider_and_forgets_those_that_leave() {
     let names = run(&["names", "--join", &addr], b"").stdout_text();
     assert!(!names.contains("who"), "{names}");
 }
+
+#[test]
+fn log_shows_the_library_at_the_level_asked() {
+    let (mut node, addr) = node(&["--log", "chanserv=debug"]);
+    let _svc = serve(&["s", "--join", &addr, "--echo"]);
+    node.wait_line("link up");
+    support::eventually("a debug line on stderr", || {
+        node.stderr().contains("DEBUG chanserv")
+    });
+    let bad = run(&["node", "--log", "chanserv=loud"], b"");
+    assert_eq!(
+        (bad.code, bad.stderr_lines().len()),
+        (Some(1), 1),
+        "{}",
+        bad.stderr
+    );
+}
