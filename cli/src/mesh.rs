@@ -38,7 +38,8 @@ pub struct ListenArgs {
     /// bound address is printed).
     #[arg(long = "listen", value_name = "HOST:PORT")]
     pub listen: Vec<String>,
-    /// Accept links on this Unix socket (repeatable; removed again at exit).
+    /// Accept links on this Unix socket (repeatable; removed again at exit, and one
+    /// left by a killed node is taken over).
     #[arg(long = "listen-unix", value_name = "PATH")]
     pub listen_unix: Vec<PathBuf>,
 }
@@ -127,6 +128,7 @@ impl Plan {
             mesh.listening.push(bound.to_string());
         }
         for path in &self.listen.listen_unix {
+            remove_stale_socket(path);
             mesh.node.listen_unix(path).await.map_err(|e| {
                 Fail::usage(format!(
                     "cannot listen on {}: {}",
@@ -148,6 +150,23 @@ impl Plan {
             mesh.joined.push((shown, j));
         }
         Ok(mesh)
+    }
+}
+
+/// Removes a Unix socket nobody listens on (left by a node that was killed), so a
+/// restart can bind it again. A live one is left alone: the bind then says it is in
+/// use. Anything but a socket is never touched.
+fn remove_stale_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if !is_socket {
+        return;
+    }
+    if let Err(e) = std::os::unix::net::UnixStream::connect(path) {
+        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            // If it fails, the bind says why.
+            drop(std::fs::remove_file(path));
+        }
     }
 }
 

@@ -125,3 +125,17 @@ fn log_shows_the_library_at_the_level_asked() {
         bad.stderr
     );
 }
+
+#[test]
+fn a_unix_socket_left_by_a_killed_node_is_taken_over() {
+    let dir = TempDir::new("stale");
+    let sock = dir.path().join("node.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap()); // the file stays
+    let sock = sock.to_str().unwrap();
+    let mut first = Proc::spawn(&["node", "--listen-unix", sock]);
+    first.wait_line("ready");
+    // A live one is not: the second node says it is in use.
+    let second = run(&["node", "--listen-unix", sock], b"");
+    assert_eq!(second.code, Some(1), "{second:?}");
+    assert!(second.stderr.contains(sock), "{}", second.stderr);
+}
