@@ -42,23 +42,20 @@ pub(super) struct Pump<M> {
     pub(super) id: u32,
 }
 
-impl Stop {
-    fn into_error(self) -> Error {
-        match self {
-            Stop::Done => unreachable!("a completed source is Ok"),
-            Stop::Failed(e) | Stop::Gone(e) => e,
-        }
-    }
-}
-
-/// Why a source's frames stopped.
+/// Why a source's frames stopped before it completed.
 enum Stop {
-    /// The producer finished: END.
-    Done,
     /// The producer failed (or panicked, or made a frame over the limit): ABORT.
     Failed(Error),
     /// The stream failed (client gone, link lost, write timeout): nothing more to say.
     Gone(Error),
+}
+
+impl Stop {
+    fn into_error(self) -> Error {
+        match self {
+            Stop::Failed(e) | Stop::Gone(e) => e,
+        }
+    }
 }
 
 impl<M: Multiplexer> Pump<M> {
@@ -70,7 +67,7 @@ impl<M: Multiplexer> Pump<M> {
         stats.source_ended(match &r {
             Ok(()) => SourceEnd::Completed,
             Err(Stop::Failed(_)) => SourceEnd::Failed,
-            Err(_) => SourceEnd::Cut,
+            Err(Stop::Gone(_)) => SourceEnd::Cut,
         });
         r.map_err(Stop::into_error)
     }
@@ -100,11 +97,11 @@ impl<M: Multiplexer> Pump<M> {
         prefix.encode(&mut child.wbuf);
         let codec = self.ctx.codec();
         let outcome = match self.frames(&codec, &mut child).await {
-            Stop::Done => {
+            Ok(()) => {
                 FrameCodec::encode_end(&mut child.wbuf);
                 Ok(())
             }
-            Stop::Failed(e) => {
+            Err(Stop::Failed(e)) => {
                 let reason = match &e {
                     Error::SourceFailed(m) => m.clone(),
                     other => other.to_string(),
@@ -112,7 +109,7 @@ impl<M: Multiplexer> Pump<M> {
                 FrameCodec::encode_abort(&reason, &mut child.wbuf);
                 Err(Stop::Failed(e))
             }
-            gone @ Stop::Gone(_) => return Err(gone),
+            Err(gone) => return Err(gone),
         };
         // The producer is done: drop it now, not when the client lets go.
         drop(self);
@@ -121,68 +118,42 @@ impl<M: Multiplexer> Pump<M> {
         outcome
     }
 
-    /// Writes frames until the source ends or the stream fails.
-    async fn frames(&mut self, codec: &FrameCodec, child: &mut Child<M::Stream>) -> Stop {
+    /// Writes frames until the source ends (`Ok`) or fails, or the stream fails.
+    async fn frames(
+        &mut self,
+        codec: &FrameCodec,
+        child: &mut Child<M::Stream>,
+    ) -> Result<(), Stop> {
         while let Some(f) = self.ready.pop_front() {
-            if let Some(stop) = put(codec, child, f).await {
-                return stop;
+            if let Some(big) = child.stage(codec, f)? {
+                child.write_batch(big).await?;
             }
         }
-        match self.ended.take() {
-            Some(Ok(())) => return Stop::Done,
-            Some(Err(e)) => return Stop::Failed(e),
-            None => {}
+        if let Some(ended) = self.ended.take() {
+            return ended.map_err(Stop::Failed);
         }
         loop {
             let item = match next_frame(&mut self.source).now_or_never() {
                 Some(item) => item,
                 None => {
-                    if let Err(e) = child.write(None).await {
-                        return Stop::Gone(e);
-                    }
+                    child.write(None).await.map_err(Stop::Gone)?;
                     tokio::select! {
                         item = next_frame(&mut self.source) => item,
-                        e = child.gone() => return Stop::Gone(e),
+                        e = child.gone() => return Err(Stop::Gone(e)),
                     }
                 }
             };
-            match item {
-                Ok(Some(f)) => {
-                    if let Some(stop) = put(codec, child, f).await {
-                        return stop;
+            match item.map_err(Stop::Failed)? {
+                // Most frames only join the batch: no write future is built for them.
+                Some(f) => {
+                    if let Some(big) = child.stage(codec, f)? {
+                        child.write_batch(big).await?;
                     }
                 }
-                Ok(None) => return Stop::Done,
-                Err(e) => return Stop::Failed(e),
+                None => return Ok(()),
             }
         }
     }
-}
-
-/// Encodes one frame, writing the batch when it is full (or the frame is big).
-async fn put<S: AsyncRead + AsyncWrite + Unpin>(
-    codec: &FrameCodec,
-    child: &mut Child<S>,
-    f: Bytes,
-) -> Option<Stop> {
-    // A frame the codec refuses (over the limit) fails the source: the client is
-    // told why instead of waiting for frames that never come.
-    let len = f.len() as u64;
-    let written = match codec.encode_split(f, &mut child.wbuf) {
-        Ok(Some(big)) => child.write(Some(big)).await,
-        Ok(None) if child.wbuf.len() >= WRITE_BATCH => {
-            let r = child.write(None).await;
-            // The sibling sources of this task, and the worker, get their turn
-            // even when this producer and the link never make us wait.
-            tokio::task::consume_budget().await;
-            r
-        }
-        Ok(None) => Ok(()),
-        Err(e) => return Some(Stop::Failed(e)),
-    };
-    child.unsent.0 += 1;
-    child.unsent.1 += len;
-    written.err().map(Stop::Gone)
 }
 
 /// The source's next frame; a producer that panics fails its own source only.
@@ -212,6 +183,32 @@ struct Child<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Child<S> {
+    /// Encodes one frame into the batch. `Some(big)` when the batch must be written
+    /// now: it is full, or the frame is big (`big` then holds its payload, not copied).
+    ///
+    /// Synchronous on purpose: an `async` step per frame would build (and move into
+    /// the pump's state) a whole write future for every frame, not every batch.
+    fn stage(&mut self, codec: &FrameCodec, f: Bytes) -> Result<Option<Option<Bytes>>, Stop> {
+        let len = f.len() as u64;
+        // A frame the codec refuses (over the limit) fails the source: the client is
+        // told why instead of waiting for frames that never come.
+        let big = codec
+            .encode_split(f, &mut self.wbuf)
+            .map_err(Stop::Failed)?;
+        self.unsent.0 += 1;
+        self.unsent.1 += len;
+        Ok((big.is_some() || self.wbuf.len() >= WRITE_BATCH).then_some(big))
+    }
+
+    /// Writes a full batch (and `big`), then lets the sibling sources of this task,
+    /// and the worker, have their turn even when this producer and the link never
+    /// make us wait.
+    async fn write_batch(&mut self, big: Option<Bytes>) -> Result<(), Stop> {
+        self.write(big).await.map_err(Stop::Gone)?;
+        tokio::task::consume_budget().await;
+        Ok(())
+    }
+
     /// Writes the batch, then `big` (a large payload that is not copied), while
     /// watching the read side. Bounded by the frame write timeout, if any.
     async fn write(&mut self, big: Option<Bytes>) -> Result<()> {
