@@ -332,6 +332,11 @@ const MAX_READ: usize = 256 * 1024;
 /// spare capacity (`tokio_util::io::poll_read_buf`, at most [`MAX_READ`] of it): no
 /// scratch buffer, no copy, and a tokio-native reader (TCP, an in-memory pipe)
 /// zeroes nothing.
+///
+/// Once `buf` holds more than [`MIN_READ`] of a frame, only what that frame still
+/// needs is reserved: asking for the floor near its end would make `BytesMut` move
+/// (or reallocate and copy) the whole partial frame, up to the codec's limit, for a
+/// few bytes of room.
 pub(crate) fn poll_read_frames<R: AsyncRead + Unpin + ?Sized>(
     r: &mut R,
     cx: &mut Context<'_>,
@@ -339,8 +344,9 @@ pub(crate) fn poll_read_frames<R: AsyncRead + Unpin + ?Sized>(
     buf: &mut BytesMut,
 ) -> Poll<Result<usize>> {
     let needed = codec.bytes_needed(buf);
-    buf.reserve(needed.max(MIN_READ));
-    let mut room = buf.limit(needed.clamp(MIN_READ, MAX_READ));
+    let floor = if buf.len() > MIN_READ { 1 } else { MIN_READ };
+    buf.reserve(needed.max(floor));
+    let mut room = buf.limit(needed.clamp(floor, MAX_READ));
     tokio_util::io::poll_read_buf(Pin::new(r), cx, &mut room).map_err(from_io)
 }
 
@@ -380,6 +386,53 @@ mod tests {
             self.at += n;
             Poll::Ready(Ok(()))
         }
+    }
+
+    #[test]
+    fn the_tail_of_a_big_frame_does_not_move_what_came_before_it() {
+        // Two big frames read in pieces that straddle their boundary: near the end of
+        // the second, only a few bytes are needed, and asking for the read floor then
+        // would move the whole partial frame (the first one, dropped, left the buffer
+        // unique with its offset: BytesMut would shift the data back).
+        let codec = FrameCodec::new();
+        let payload = vec![7u8; 1 << 20];
+        let mut wire = BytesMut::new();
+        codec.encode(&payload, &mut wire).unwrap();
+        codec.encode(&payload, &mut wire).unwrap();
+        let mut r = Trickle {
+            data: wire.to_vec(),
+            at: 0,
+            // Pieces that leave the last few hundred bytes of each frame for a read
+            // of their own.
+            step: 65_000,
+            most_room: 0,
+        };
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut buf = BytesMut::new();
+        let mut frames = 0;
+        let mut second_at = None;
+        while let Poll::Ready(Ok(n)) = poll_read_frames(&mut r, &mut cx, &codec, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            while let Some(f) = codec.decode(&mut buf).unwrap() {
+                assert_eq!(f, payload);
+                frames += 1;
+                if frames == 2 {
+                    let header = wire.len() / 2 - payload.len();
+                    let at = second_at.map(|p: *const u8| p.wrapping_add(header));
+                    assert_eq!(at, Some(f.as_ptr()), "the second frame was moved");
+                }
+            }
+            // Once the second frame has its room, its bytes stay where they are.
+            let room_for_it = buf.capacity() - buf.len() >= codec.bytes_needed(&buf);
+            if frames == 1 && buf.len() > MIN_READ && room_for_it {
+                second_at.get_or_insert(buf.as_ptr());
+            }
+        }
+        assert_eq!(frames, 2);
+        assert!(second_at.is_some());
     }
 
     #[test]
