@@ -146,4 +146,4 @@ pub use mux::{
 pub use server::{
     BlockedSource, MaxErrorMassFn, ServeHandle, Server, ServerConfig, ServiceStats, SourceItem,
 };
-pub use source::{Meta, Request, RequestTag, Source, SourceSender};
+pub use source::{Meta, Request, RequestTag, Source, SourceSender, TrySendError};
