@@ -143,6 +143,14 @@ pub enum Error {
     /// will not help.
     #[error("tls: {0}")]
     Tls(String),
+    /// A typed frame (the `serde` feature, module `typed`) could not be converted:
+    /// a received frame does not decode as the consumer's type, or a value could not
+    /// be encoded for sending. The message names the frame's index and length (or the
+    /// value's type) and postcard's reason. On a typed source it concerns that one
+    /// frame: the transport is fine and later frames still come. Not a protocol
+    /// error: producer and consumer disagree on the type.
+    #[error("serde: {0}")]
+    Serde(String),
     /// An I/O error of the underlying transport.
     #[error("i/o: {0}")]
     Io(#[from] io::Error),
@@ -166,7 +174,15 @@ impl Error {
         matches!(self, Error::SourceFailed(_) | Error::RequestFailed(_))
     }
 
+    /// True when a typed frame could not be encoded or decoded ([`Error::Serde`]):
+    /// that one frame is lost, the source goes on.
+    pub fn is_serde(&self) -> bool {
+        matches!(self, Error::Serde(_))
+    }
+
     /// True when the error came from malformed input rather than from the transport.
+    /// (A typed frame that does not decode is [`is_serde`](Self::is_serde) instead: the
+    /// wire carried it intact.)
     pub fn is_protocol(&self) -> bool {
         matches!(
             self,

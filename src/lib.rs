@@ -73,6 +73,8 @@
 //!   shared by both sides; `remote` (the reader of a child stream, which *is* the
 //!   source's `poll_next`).
 //! - `error` — [`Error`], one variant per cause a caller can act on.
+//! - `typed` — with the `serde` feature: typed frames, each one value encoded with
+//!   postcard (`TypedSource`, `TypedSender`, `Source::typed`, `Source::from_typed`).
 //!
 //! `server` and `client` are siblings: neither imports the other; what both need
 //! (`proto`, `mux`, `source`, `error`) lies below them, and `mux` knows nothing of
@@ -117,6 +119,11 @@
 //! [`TlsConfig::allow_names`] says which service names each identity may announce.
 //! Loopback and tests use plaintext. `PROTOCOL.md`, "Security", has the threat model.
 //!
+//! ## Features
+//! - `serde` (off by default): the public module `typed`, frames as values of any
+//!   `serde` type, encoded with `postcard`. A frame that does not decode is an
+//!   [`Error::Serde`] for that frame alone; the source goes on.
+//!
 //! The wire protocol is specified in `PROTOCOL.md` in the repository.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
@@ -127,6 +134,8 @@ mod mux;
 mod proto;
 mod server;
 mod source;
+#[cfg(feature = "serde")]
+pub mod typed;
 
 pub use proto::frame;
 
@@ -146,4 +155,4 @@ pub use mux::{
 pub use server::{
     BlockedSource, MaxErrorMassFn, ServeHandle, Server, ServerConfig, ServiceStats, SourceItem,
 };
-pub use source::{Meta, Request, RequestTag, Source, SourceSender};
+pub use source::{Meta, Request, RequestTag, Source, SourceSender, TrySendError};

@@ -267,6 +267,34 @@ impl SourceSender {
         }
     }
 
+    /// Sends a frame if the buffer has room, without waiting: for a producer that
+    /// must not block (an event loop, a synchronous callback) and would rather drop,
+    /// coalesce or retry later. The frame comes back in the error:
+    /// [`TrySendError::Full`] when `capacity` frames are waiting,
+    /// [`TrySendError::Closed`] when the source is gone (as [`send`](Self::send)'s
+    /// `Error::Closed`).
+    ///
+    /// ```
+    /// use chanserv::{Source, TrySendError};
+    ///
+    /// let (tx, _source) = Source::channel("header", 1);
+    /// tx.try_send("first").unwrap();
+    /// match tx.try_send("second") {
+    ///     Err(TrySendError::Full(frame)) => assert_eq!(frame, "second"),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// ```
+    pub fn try_send(&self, frame: impl Into<Bytes>) -> Result<(), TrySendError> {
+        let frame = frame.into();
+        let Some(tx) = &self.tx else {
+            return Err(TrySendError::Closed(frame));
+        };
+        tx.try_send(Ok(frame)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(f) => TrySendError::Full(ok_frame(f)),
+            mpsc::error::TrySendError::Closed(f) => TrySendError::Closed(ok_frame(f)),
+        })
+    }
+
     /// Fails the source with `reason`; the consumer gets [`Error::SourceFailed`].
     pub async fn abort(mut self, reason: impl Into<String>) {
         if let Some(tx) = self.tx.take() {
@@ -288,5 +316,85 @@ impl Drop for SourceSender {
         if !std::thread::panicking() {
             self.completed.store(true, Ordering::Release);
         }
+    }
+}
+
+/// The frame `try_send` put in, handed back: it always sends `Ok`.
+fn ok_frame(item: Result<Bytes>) -> Bytes {
+    item.unwrap_or_default()
+}
+
+/// Why [`SourceSender::try_send`] did not send; the frame is handed back either way.
+///
+/// Not `#[non_exhaustive]`: a bounded channel is either full or closed, and callers
+/// match both arms to decide between retrying and giving up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrySendError {
+    /// The source's buffer is full: retry later, or [`send`](SourceSender::send) to
+    /// wait for room.
+    #[error("source buffer full")]
+    Full(Bytes),
+    /// The source is gone (its consumer dropped it or the request was cancelled):
+    /// every later send fails too.
+    #[error("source closed")]
+    Closed(Bytes),
+}
+
+impl TrySendError {
+    /// The frame that was not sent.
+    pub fn into_frame(self) -> Bytes {
+        match self {
+            TrySendError::Full(f) | TrySendError::Closed(f) => f,
+        }
+    }
+
+    /// True when the buffer was full (the source is still alive).
+    pub fn is_full(&self) -> bool {
+        matches!(self, TrySendError::Full(_))
+    }
+
+    /// True when the source is gone.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, TrySendError::Closed(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn try_send_succeeds_while_there_is_room() {
+        let (tx, mut source) = Source::channel("h", 2);
+        tx.try_send("a").unwrap();
+        tx.try_send("b").unwrap();
+        drop(tx);
+        assert_eq!(source.recv().await.unwrap().unwrap(), "a");
+        assert_eq!(source.recv().await.unwrap().unwrap(), "b");
+        assert!(
+            source.recv().await.is_none(),
+            "dropping the sender completes"
+        );
+    }
+
+    #[tokio::test]
+    async fn try_send_gives_the_frame_back_when_full_and_sends_once_there_is_room() {
+        let (tx, mut source) = Source::channel("h", 1);
+        tx.try_send("a").unwrap();
+        let e = tx.try_send("b").unwrap_err();
+        assert!(e.is_full() && !e.is_closed());
+        assert_eq!(e.into_frame(), "b");
+        assert!(!tx.is_closed(), "a full source is alive");
+        assert_eq!(source.recv().await.unwrap().unwrap(), "a");
+        tx.try_send("c").unwrap();
+        assert_eq!(source.recv().await.unwrap().unwrap(), "c");
+    }
+
+    #[test]
+    fn try_send_gives_the_frame_back_once_the_consumer_dropped_the_source() {
+        let (tx, source) = Source::channel("h", 4);
+        drop(source);
+        assert_eq!(tx.try_send("a"), Err(TrySendError::Closed("a".into())));
+        assert!(tx.is_closed());
     }
 }
