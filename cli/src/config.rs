@@ -13,8 +13,14 @@
 //! connect_timeout = "10s"
 //! grace = "5s"
 //! relay = true
+//! tls_cert = "hub-1.pem"         # TLS: the three files together (paths as given,
+//! tls_key = "hub-1.key"          # relative to the working directory)
+//! tls_ca = "ca.pem"
+//! tls_allow_peers = ["*.mesh"]
+//! tls_allow_names = { "kv-*.mesh" = ["kv", "kv:*"] }
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -39,6 +45,12 @@ pub struct NodeFile {
     pub connect_timeout: Option<String>,
     pub grace: Option<String>,
     pub relay: Option<bool>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_allow_peers: Vec<String>,
+    /// Identity pattern → the name patterns it may announce.
+    pub tls_allow_names: BTreeMap<String, Vec<String>>,
 }
 
 impl NodeFile {
@@ -87,6 +99,15 @@ impl NodeFile {
         fill_list(&mut plan.listen.listen_unix, self.listen_unix);
         fill_list(&mut plan.join.join, self.join);
         fill_list(&mut plan.join.join_unix, self.join_unix);
+        let tls = &mut plan.tls;
+        fill(&mut tls.tls_cert, self.tls_cert);
+        fill(&mut tls.tls_key, self.tls_key);
+        fill(&mut tls.tls_ca, self.tls_ca);
+        fill_list(&mut tls.allow_peers, self.tls_allow_peers);
+        fill_list(
+            &mut tls.allow_names,
+            self.tls_allow_names.into_iter().collect(),
+        );
         Ok(())
     }
 }
@@ -117,12 +138,17 @@ mod tests {
             keepalive = "1s"
             grace = "2s"
             relay = false
+            tls_cert = "file.pem"
+            tls_key = "file.key"
+            tls_ca = "ca.pem"
+            tls_allow_names = { "kv-*.mesh" = ["kv", "kv:*"] }
             "#,
         )
         .unwrap();
         let mut plan = Plan::default();
         plan.listen.listen = vec!["127.0.0.1:0".into()];
         plan.ident.keepalive = Some(Duration::from_millis(500));
+        plan.tls.tls_cert = Some("flag.pem".into());
         let (mut grace, mut relay) = (None, None);
         file.merge_into(&mut plan, &mut grace, &mut relay).unwrap();
         assert_eq!(plan.listen.listen, ["127.0.0.1:0"]);
@@ -131,6 +157,17 @@ mod tests {
         assert_eq!(plan.ident.keepalive, Some(Duration::from_millis(500)));
         assert_eq!(grace, Some(Duration::from_secs(2)));
         assert_eq!(relay, Some(false));
+        let tls = &plan.tls;
+        assert_eq!(tls.tls_cert.as_deref(), Some(Path::new("flag.pem")));
+        assert_eq!(tls.tls_key.as_deref(), Some(Path::new("file.key")));
+        assert_eq!(tls.tls_ca.as_deref(), Some(Path::new("ca.pem")));
+        assert_eq!(
+            tls.allow_names,
+            [(
+                "kv-*.mesh".to_owned(),
+                vec!["kv".to_owned(), "kv:*".to_owned()]
+            )]
+        );
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! - `main` (this file): the command line (clap), dispatch, exit statuses, and the one
 //!   place errors are printed (one line on stderr, never a backtrace).
 //! - `mesh`: a node from flags (identity, keep-alive, listen, join), link events,
-//!   signals. Every subcommand starts its node there.
+//!   signals. Every subcommand starts its node there. `tls`: the TLS flags and the
+//!   `TlsConfig` loaded from them.
 //! - `config`: `chanserv node --config FILE` (TOML) merged with the flags.
 //! - `node`: `chanserv node`. `relay`: how a node forwards the services of the nodes
 //!   joined to it (the library routes a name over one link only).
@@ -40,6 +41,7 @@ mod progress;
 mod query;
 mod relay;
 mod serve;
+mod tls;
 mod units;
 
 const EXAMPLES: &str = "\

@@ -1,5 +1,5 @@
 //! A node from the command line: the flags every subcommand shares (identity,
-//! keep-alive, listen, join), the node they make, its link events as lines, and the
+//! keep-alive, listen, join, TLS), the node they make, its link events as lines, and the
 //! signals that stop it. It owns no service: the subcommands bind those.
 
 use std::net::SocketAddr;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use chanserv::{Joined, LinkEvent, LinkEvents, Node, NodeConfig};
 use futures::StreamExt;
 
+use crate::tls::TlsArgs;
 use crate::units::{hex, parse_duration, parse_node_id};
 use crate::Fail;
 
@@ -69,6 +70,7 @@ pub struct Plan {
     pub ident: IdentArgs,
     pub listen: ListenArgs,
     pub join: JoinArgs,
+    pub tls: TlsArgs,
 }
 
 /// A started node: what it listens on, the joins it holds, its link events.
@@ -80,6 +82,8 @@ pub struct Mesh {
     pub joined: Vec<(String, Joined)>,
     /// Subscribed before the first join, so no link of ours goes unseen.
     pub events: LinkEvents,
+    /// Its TLS identity (its certificate's first DNS name); `None`: plaintext links.
+    pub identity: Option<String>,
     unix_paths: Vec<PathBuf>,
 }
 
@@ -111,13 +115,20 @@ impl Plan {
 
     /// Makes the node, listens, then joins: any failure is a one-line [`Fail`].
     pub async fn start(&self) -> Result<Mesh, Fail> {
-        let node = Node::with_config(self.node_config()?);
+        let tls = self.tls.load()?;
+        let mut cfg = self.node_config()?;
+        let identity = tls.as_ref().map(|t| t.identity().to_owned());
+        if let Some(tls) = tls {
+            cfg = cfg.tls(tls);
+        }
+        let node = Node::with_config(cfg);
         let events = node.subscribe();
         let mut mesh = Mesh {
             node,
             listening: Vec::new(),
             joined: Vec::new(),
             events,
+            identity,
             unix_paths: Vec::new(),
         };
         for addr in &self.listen.listen {
@@ -205,10 +216,14 @@ async fn bounded(
 }
 
 impl Mesh {
-    /// Prints who this node is: `node <id>`, a `listen <addr>` per address and a
-    /// `joined <addr> <peer id>` per join.
+    /// Prints who this node is: `node <id>`, `identity <name>` (its TLS identity,
+    /// with TLS only), a `listen <addr>` per address and a `joined <addr> <peer id>`
+    /// per join.
     pub fn print_identity(&self) {
         println!("node {}", hex(self.node.id()));
+        if let Some(identity) = &self.identity {
+            println!("identity {identity}");
+        }
         for l in &self.listening {
             println!("listen {l}");
         }

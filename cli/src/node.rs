@@ -2,8 +2,8 @@
 //! as lines, answers the admin service, relays its peers' services (see `relay`),
 //! and on SIGINT/SIGTERM shuts down within the grace period.
 //!
-//! Lines on stdout, one event each: `node <id>`, `listen <addr>`, `joined <addr>
-//! <peer>`, `ready`, then `link up|down <peer>`, `relay add|remove <name>`, and at
+//! Lines on stdout, one event each: `node <id>`, `identity <name>` (its TLS
+//! identity, with TLS only), `listen <addr>`, `joined <addr> <peer>`, `ready`, then `link up|down <peer>`, `relay add|remove <name>`, and at
 //! the end `shutdown <signal>` and `stopped`.
 
 use std::path::PathBuf;
@@ -13,6 +13,7 @@ use crate::admin::{self, AdminInfo};
 use crate::config::NodeFile;
 use crate::mesh::{self, IdentArgs, JoinArgs, ListenArgs, Plan, Signals};
 use crate::relay::Relay;
+use crate::tls::TlsArgs;
 use crate::units::parse_duration;
 use crate::Fail;
 
@@ -24,8 +25,10 @@ Examples:
   chanserv node --listen 127.0.0.1:7000
   chanserv node --listen 0.0.0.0:7000 --name hub-1 --join 10.0.0.2:7000
   chanserv node --listen 127.0.0.1:0 --listen-unix /tmp/chanserv.sock --grace 2s
+  chanserv node --listen 0.0.0.0:7000 --tls-cert hub-1.pem --tls-key hub-1.key --tls-ca ca.pem
   chanserv node --config node.toml     # keys: id name listen listen_unix join join_unix
                                        # keepalive keepalive_timeout connect_timeout grace relay
+                                       # tls_cert tls_key tls_ca tls_allow_peers tls_allow_names
 
 A flag overrides the config file; a list flag (--listen, --join, ...) replaces the file's list.
 Services of nodes joined to this one are relayed, so a client joined here can post to them
@@ -44,6 +47,8 @@ pub struct Args {
     join: JoinArgs,
     #[command(flatten)]
     ident: IdentArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// On SIGINT/SIGTERM, how long requests in flight may take to finish [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     grace: Option<Duration>,
@@ -58,6 +63,7 @@ pub async fn run(args: Args) -> Result<u8, Fail> {
         ident: args.ident,
         listen: args.listen,
         join: args.join,
+        tls: args.tls,
     };
     let mut grace = args.grace;
     let mut relay = args.no_relay.then_some(false);

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::mesh::{describe, IdentArgs, JoinArgs, Plan};
 use crate::output::{Mode, Printer, Saver, Stats};
 use crate::progress::Progress;
+use crate::tls::TlsArgs;
 use crate::units::parse_duration;
 use crate::{Fail, SOURCE_FAILED};
 
@@ -72,6 +73,8 @@ pub struct Args {
     join: JoinArgs,
     #[command(flatten)]
     ident: IdentArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 /// Posts, prints, and says how it went.
@@ -87,6 +90,7 @@ pub async fn run(args: Args) -> Result<u8, Fail> {
     let plan = Plan {
         ident: args.ident.clone(),
         join: args.join.clone(),
+        tls: args.tls.clone(),
         ..Plan::default()
     };
     let mesh = plan.start().await?;

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::admin::{is_reserved, NamesReply, PeersReply, ADMIN};
 use crate::mesh::{describe, JoinArgs, Plan};
+use crate::tls::TlsArgs;
 use crate::units::parse_duration;
 use crate::Fail;
 
@@ -27,6 +28,8 @@ admin service chanserv.admin.";
 pub struct Args {
     #[command(flatten)]
     join: JoinArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Print the node's answer as JSON.
     #[arg(long)]
     json: bool,
@@ -80,6 +83,7 @@ async fn ask<T: DeserializeOwned>(args: &Args, what: &str) -> Result<(String, T)
     }
     let plan = Plan {
         join: args.join.clone(),
+        tls: args.tls.clone(),
         ..Plan::default()
     };
     let mesh = plan.start().await?;

@@ -3,8 +3,9 @@
 //! directory (`--dir`), the output of a command run per request (`--exec`, in
 //! `exec`), or the request body (`--echo`). It answers the admin service too.
 //!
-//! Lines on stdout: `node <id>`, `listen <addr>`, `joined <addr> <peer>`, `serving
-//! <name>`, `ready`, link events, `shutdown <signal>`, `stopped`.
+//! Lines on stdout: `node <id>`, `identity <name>` (with TLS), `listen <addr>`,
+//! `joined <addr> <peer>`, `serving <name>`, `ready`, link events, `shutdown
+//! <signal>`, `stopped`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::admin::{self, is_reserved, AdminInfo};
 use crate::mesh::{self, describe, IdentArgs, JoinArgs, ListenArgs, Plan, Signals};
+use crate::tls::TlsArgs;
 use crate::units::{parse_duration, parse_size};
 use crate::Fail;
 
@@ -65,6 +67,8 @@ pub struct Args {
     join: JoinArgs,
     #[command(flatten)]
     ident: IdentArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// On SIGINT/SIGTERM, how long requests in flight may take to finish.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     grace: Duration,
@@ -85,6 +89,7 @@ pub async fn run(args: Args) -> Result<u8, Fail> {
         ident: args.ident,
         listen: args.listen,
         join: args.join,
+        tls: args.tls,
     };
     if plan.join.join.is_empty()
         && plan.join.join_unix.is_empty()
