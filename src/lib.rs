@@ -68,7 +68,11 @@
 //! - `client/` — [`Client`] ([`Client::lookup_and_post`], [`Client::post_to`]):
 //!   `config` ([`ClientConfig`]), `sources` ([`Sources`]: the master stream, read when
 //!   polled), `accept` (the one accept loop that routes child streams to their
-//!   sources), `scatter` ([`Client::scatter`]: every provider of a name, merged).
+//!   sources), `scatter` ([`Client::scatter`]: every provider of a name, merged),
+//!   `stats` ([`ClientStats`], [`RequestStats`]: what a client and a request
+//!   received).
+//! - `tally` — the receive counters a source's reader adds to and the client's stats
+//!   read, below both.
 //! - `source/` — [`Source`], [`SourceSender`], [`Meta`], [`Request`], [`RequestTag`]:
 //!   shared by both sides; `remote` (the reader of a child stream, which *is* the
 //!   source's `poll_next`).
@@ -127,6 +131,7 @@ mod mux;
 mod proto;
 mod server;
 mod source;
+mod tally;
 
 pub use proto::frame;
 
@@ -137,7 +142,7 @@ pub use proto::frame;
 pub use proto::fuzzing;
 
 pub use bytes::Bytes;
-pub use client::{Client, ClientConfig, Scatter, Sources};
+pub use client::{Client, ClientConfig, ClientStats, RequestStats, Scatter, Sources};
 pub use error::{BoxError, Error, ErrorFn, Result, Timeout};
 pub use mux::{
     Addr, DialOptions, Joined, LinkEvent, LinkEvents, Listener, Multiplexer, MuxStream, Node,
