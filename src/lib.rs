@@ -121,12 +121,19 @@
 //! [`TlsConfig::allow_names`] says which service names each identity may announce.
 //! Loopback and tests use plaintext. `PROTOCOL.md`, "Security", has the threat model.
 //!
+//! ## Cargo features
+//! - `metrics` (off by default): the `metrics` module publishes
+//!   [`ServiceStats`] and [`ClientStats`] snapshots through the `metrics` facade crate,
+//!   for any recorder or exporter (Prometheus, StatsD, …). Its docs list every metric.
+//!
 //! The wire protocol is specified in `PROTOCOL.md` in the repository.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
 mod client;
 mod error;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod mux;
 mod proto;
 mod server;
