@@ -68,7 +68,11 @@
 //! - `client/` — [`Client`] ([`Client::lookup_and_post`], [`Client::post_to`]):
 //!   `config` ([`ClientConfig`]), `sources` ([`Sources`]: the master stream, read when
 //!   polled), `accept` (the one accept loop that routes child streams to their
-//!   sources), `scatter` ([`Client::scatter`]: every provider of a name, merged).
+//!   sources), `scatter` ([`Client::scatter`]: every provider of a name, merged),
+//!   `stats` ([`ClientStats`], [`RequestStats`]: what a client and a request
+//!   received).
+//! - `tally` — the receive counters a source's reader adds to and the client's stats
+//!   read, below both.
 //! - `source/` — [`Source`], [`SourceSender`], [`Meta`], [`Request`], [`RequestTag`]:
 //!   shared by both sides; `remote` (the reader of a child stream, which *is* the
 //!   source's `poll_next`).
@@ -119,7 +123,10 @@
 //! [`TlsConfig::allow_names`] says which service names each identity may announce.
 //! Loopback and tests use plaintext. `PROTOCOL.md`, "Security", has the threat model.
 //!
-//! ## Features
+//! ## Cargo features
+//! - `metrics` (off by default): the `metrics` module publishes
+//!   [`ServiceStats`] and [`ClientStats`] snapshots through the `metrics` facade crate,
+//!   for any recorder or exporter (Prometheus, StatsD, …). Its docs list every metric.
 //! - `serde` (off by default): the public module `typed`, frames as values of any
 //!   `serde` type, encoded with `postcard`. A frame that does not decode is an
 //!   [`Error::Serde`] for that frame alone; the source goes on.
@@ -130,12 +137,15 @@
 
 mod client;
 mod error;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod mux;
 mod proto;
 mod server;
 mod source;
 #[cfg(feature = "serde")]
 pub mod typed;
+mod tally;
 
 pub use proto::frame;
 
@@ -146,7 +156,7 @@ pub use proto::frame;
 pub use proto::fuzzing;
 
 pub use bytes::Bytes;
-pub use client::{Client, ClientConfig, Scatter, Sources};
+pub use client::{Client, ClientConfig, ClientStats, RequestStats, Scatter, Sources};
 pub use error::{BoxError, Error, ErrorFn, Result, Timeout};
 pub use mux::{
     Addr, DialOptions, Joined, LinkEvent, LinkEvents, Listener, Multiplexer, MuxStream, Node,

@@ -26,11 +26,14 @@ mod accept;
 mod config;
 mod scatter;
 mod sources;
+mod stats;
 
 pub use config::ClientConfig;
 pub use scatter::Scatter;
 use sources::MasterIo;
 pub use sources::Sources;
+use stats::ClientCounters;
+pub use stats::{ClientStats, RequestStats};
 
 /// Posts requests to services and receives their sources.
 ///
@@ -67,6 +70,7 @@ struct ClientInner<M> {
     /// both leave in one packet (see `Sources`).
     finished: Arc<Mutex<Vec<Box<dyn MasterIo>>>>,
     listening: Arc<DropGuard>,
+    stats: Arc<ClientCounters>,
 }
 
 #[derive(Default)]
@@ -128,6 +132,7 @@ impl<M: Multiplexer> Client<M> {
                 next_req: AtomicU64::new(1),
                 finished: Arc::new(Mutex::new(Vec::new())),
                 listening: Arc::new(stop.drop_guard()),
+                stats: Arc::default(),
             }),
         })
     }
@@ -158,6 +163,12 @@ impl<M: Multiplexer> Client<M> {
         self.post_on(name, body.into(), tags, Some(node)).await
     }
 
+    /// A snapshot of the client's counters, summed over every request it made
+    /// (through any clone). Cheap: a few atomic loads.
+    pub fn stats(&self) -> ClientStats {
+        self.inner.stats.snapshot()
+    }
+
     async fn post_on(
         &self,
         vaddr: &str,
@@ -167,14 +178,50 @@ impl<M: Multiplexer> Client<M> {
     ) -> Result<Sources> {
         let c = &self.inner;
         let id = c.next_req.fetch_add(1, Ordering::Relaxed);
+        let mut tally = c.stats.request(id, vaddr);
         c.routes.lock().unwrap().live.insert(id);
         let guard = Arc::new(RequestGuard {
             id,
             routes: c.routes.clone(),
             _listening: c.listening.clone(),
         });
+        let msg = RequestMsg {
+            id,
+            reply: c.reply.clone(),
+            tags: tags.to_vec(),
+            body,
+        };
+        let codec = FrameCodec::new().with_limit(c.cfg.frame_size_limit);
+        let mut buf = BytesMut::new();
+        let master = match self
+            .write_request(vaddr, node, &msg, &codec, &mut buf)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tally.ended(true);
+                return Err(e);
+            }
+        };
+        buf.clear();
+        // Close the masters of requests that finished since the last post, now that
+        // this request's bytes are queued: the closes go out in the same packet.
+        drop(std::mem::take(&mut *c.finished.lock().unwrap()));
+        Ok(Sources::new(master, buf, codec, guard, tally, tags, c))
+    }
+
+    /// Opens the request's master stream and writes the request on it.
+    async fn write_request(
+        &self,
+        vaddr: &str,
+        node: Option<NodeId>,
+        msg: &RequestMsg,
+        codec: &FrameCodec,
+        buf: &mut BytesMut,
+    ) -> Result<Box<dyn MasterIo>> {
+        let c = &self.inner;
         let mut opts = DialOptions::new(c.cfg.dial_timeout);
-        if let Some(b) = tags.iter().find_map(|t| match t {
+        if let Some(b) = msg.tags.iter().find_map(|t| match t {
             RequestTag::Bucket(b) => Some(b),
             _ => None,
         }) {
@@ -185,18 +232,10 @@ impl<M: Multiplexer> Client<M> {
         }
         let mut master = c.mux.dial(vaddr, opts).await?;
         // (reply, request) names this request in the server's logs too.
-        tracing::debug!(request = id, reply = %c.reply, vaddr, "posting");
-        let msg = RequestMsg {
-            id,
-            reply: c.reply.clone(),
-            tags: tags.to_vec(),
-            body,
-        };
-        let codec = FrameCodec::new().with_limit(c.cfg.frame_size_limit);
-        let mut buf = BytesMut::new();
-        msg.encode(codec.limit(), &mut buf)?;
+        tracing::debug!(request = msg.id, reply = %c.reply, vaddr, "posting");
+        msg.encode(codec.limit(), buf)?;
         let write = async {
-            master.write_all(&buf).await?;
+            master.write_all(buf).await?;
             master.flush().await
         };
         match c.cfg.master_write_timeout {
@@ -206,18 +245,6 @@ impl<M: Multiplexer> Client<M> {
                 .map_err(|_| Error::Timeout(Timeout::MasterWrite))?
                 .map_err(from_io)?,
         }
-        buf.clear();
-        // Close the masters of requests that finished since the last post, now that
-        // this request's bytes are queued: the closes go out in the same packet.
-        drop(std::mem::take(&mut *c.finished.lock().unwrap()));
-        Ok(Sources::new(
-            Box::new(master),
-            buf,
-            codec,
-            guard,
-            vaddr,
-            tags,
-            c,
-        ))
+        Ok(Box::new(master))
     }
 }

@@ -13,6 +13,7 @@ use futures::stream::{FusedStream, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
+use super::stats::{RequestStats, RequestTally};
 use super::{ClientConfig, ClientInner, RequestGuard, Routes, Slot};
 use crate::error::{Error, Result, Timeout};
 use crate::frame::FrameCodec;
@@ -21,6 +22,7 @@ use crate::proto::chanserv::MasterMsg;
 use crate::source::{
     poll_ahead, Ahead, ChildStream, Meta, ReadAhead, RemoteFrames, RequestTag, Source,
 };
+use crate::tally::Tally;
 
 /// Finished masters kept for the next request at most; beyond, they close at once.
 const MAX_FINISHED: usize = 16;
@@ -49,7 +51,8 @@ pub struct Sources {
     end: Option<Option<Error>>,
     guard: Arc<RequestGuard>,
     server: Option<u64>,
-    vaddr: String,
+    /// The request's counters (and its service's name).
+    tally: RequestTally,
     tags: Vec<RequestTag>,
     cfg: ClientConfig,
     routes: Arc<Mutex<Routes>>,
@@ -61,7 +64,7 @@ impl fmt::Debug for Sources {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sources")
             .field("request", &self.guard.id)
-            .field("vaddr", &self.vaddr)
+            .field("vaddr", &self.tally.service)
             .finish()
     }
 }
@@ -72,7 +75,7 @@ impl Sources {
         buf: BytesMut,
         codec: FrameCodec,
         guard: Arc<RequestGuard>,
-        vaddr: &str,
+        tally: RequestTally,
         tags: &[RequestTag],
         client: &ClientInner<M>,
     ) -> Self {
@@ -85,7 +88,7 @@ impl Sources {
             end: None,
             guard,
             server: None,
-            vaddr: vaddr.to_owned(),
+            tally,
             tags: tags.to_vec(),
             cfg: client.cfg.clone(),
             routes: client.routes.clone(),
@@ -99,9 +102,17 @@ impl Sources {
         self.next().await
     }
 
+    /// A snapshot of this request's counters: its sources, frames and bytes so far.
+    /// Cheap: a few atomic loads. How fresh the numbers are: see [`RequestStats`].
+    pub fn stats(&self) -> RequestStats {
+        self.tally.snapshot()
+    }
+
     fn meta(&self) -> Meta {
         Meta {
-            remote_addr: self.server.map(|n| Addr::new(n, self.vaddr.clone())),
+            remote_addr: self
+                .server
+                .map(|n| Addr::new(n, self.tally.service.clone())),
             tags: self.tags.clone(),
         }
     }
@@ -125,6 +136,7 @@ impl Sources {
                     }
                 };
                 let waiting = matches!(stream, ChildStream::Waiting(_));
+                self.tally.recv.announced();
                 let frames = RemoteFrames {
                     stream,
                     codec: self.codec,
@@ -136,11 +148,14 @@ impl Sources {
                     accept_timeout: self.cfg.chan_accept_timeout,
                     timer: None,
                     _guard: waiting.then(|| self.guard.clone() as Arc<dyn Send + Sync>),
+                    tally: Tally::new(self.tally.recv.clone(), self.tally.live()),
                 };
                 self.ahead
                     .push_back(Source::remote(header, self.meta(), frames));
             }
             MasterMsg::Inline { header, frames, .. } => {
+                let bytes = frames.iter().map(|f| f.len() as u64).sum();
+                self.tally.recv.inline(frames.len() as u64, bytes);
                 self.ahead
                     .push_back(Source::inline(header, self.meta(), frames.into()));
             }
@@ -196,6 +211,7 @@ impl Stream for Sources {
                 }
                 Ahead::End(end) => {
                     this.done = true;
+                    this.tally.ended(end.is_some());
                     // The server closes the master after its last message; we are done
                     // too. Its close waits for the client's next request (one packet
                     // for both), unless many are waiting already.

@@ -15,6 +15,7 @@ use super::BoxRead;
 use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, Item};
 use crate::mux::poll_read_frames;
+use crate::tally::{SourceEnd, Tally};
 
 /// Where a remote source's child stream is: still on its way, being read, or let go
 /// of once its end was read (so its slot on the link frees while the consumer still
@@ -41,6 +42,9 @@ pub(crate) struct RemoteFrames {
     pub(crate) timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Keeps the request's routing entry alive until the child stream arrived.
     pub(crate) _guard: Option<Arc<dyn Send + Sync>>,
+    /// Frames and bytes decoded, published once per read and at the end (never an
+    /// atomic per frame), and how the source ended.
+    pub(crate) tally: Tally,
 }
 
 /// A framed reader that decodes items ahead of its consumer: the client's `Sources`
@@ -101,6 +105,11 @@ impl RemoteFrames {
             }
             Ahead::End(end) => {
                 self.end = Some(None);
+                if end.is_some() {
+                    // An ABORT was counted when decoded (this does nothing then); a
+                    // failed read or decode is counted here.
+                    self.tally.end(SourceEnd::Failed);
+                }
                 Poll::Ready(end.map(Err))
             }
             Ahead::Pending => self.poll_timer(cx),
@@ -121,6 +130,7 @@ impl RemoteFrames {
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
         ready!(timer.as_mut().poll(cx));
         self.end = Some(None);
+        self.tally.end(SourceEnd::Failed);
         Poll::Ready(Some(Err(Error::Timeout(kind))))
     }
 }
@@ -135,13 +145,18 @@ impl ReadAhead for RemoteFrames {
     fn decode_ahead(&mut self) -> Result<()> {
         while self.ahead.len() < self.max_ahead {
             match self.codec.decode_item(&mut self.buf)? {
-                Some(Item::Frame(f)) => self.ahead.push_back(f),
+                Some(Item::Frame(f)) => {
+                    self.tally.frame(f.len());
+                    self.ahead.push_back(f);
+                }
                 Some(Item::End) => {
+                    self.tally.end(SourceEnd::Completed);
                     self.end = Some(None);
                     self.stream = ChildStream::Done;
                     return Ok(());
                 }
                 Some(Item::Abort(reason)) => {
+                    self.tally.end(SourceEnd::Failed);
                     self.end = Some(Some(Error::SourceFailed(reason)));
                     self.stream = ChildStream::Done;
                     return Ok(());
@@ -153,6 +168,9 @@ impl ReadAhead for RemoteFrames {
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        // What was decoded since the last read is published before the next: one
+        // batch of atomics per read, and the stats lag by at most one read.
+        self.tally.flush();
         let stream = loop {
             match &mut self.stream {
                 ChildStream::Reading(s) => break s,
