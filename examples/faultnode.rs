@@ -167,8 +167,8 @@ fn log_links(node: &Node) {
     tokio::spawn(async move {
         loop {
             match events.recv().await {
-                Some(LinkEvent::Up(p)) => println!("link up {p:016x} t={}", now_ms()),
-                Some(LinkEvent::Down(p)) => println!("link down {p:016x} t={}", now_ms()),
+                Some(LinkEvent::Up(p)) => println!("link up {:016x} t={}", p.node, now_ms()),
+                Some(LinkEvent::Down(p)) => println!("link down {:016x} t={}", p.node, now_ms()),
                 Some(LinkEvent::Missed(n)) => println!("link events_lagged {n} t={}", now_ms()),
                 Some(_) => {}
                 None => return,

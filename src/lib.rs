@@ -159,8 +159,9 @@ pub use bytes::Bytes;
 pub use client::{Client, ClientConfig, ClientStats, RequestStats, Scatter, Sources};
 pub use error::{BoxError, Error, ErrorFn, Result, Timeout};
 pub use mux::{
-    Addr, DialOptions, Joined, LinkEvent, LinkEvents, Listener, Multiplexer, MuxStream, Node,
-    NodeConfig, NodeId, NodeListener, TlsConfig, PROTOCOL_VERSION,
+    Addr, DialOptions, Joined, LinkEvent, LinkEvents, LinkState, LinkStats, Listener, Multiplexer,
+    MuxStream, Node, NodeConfig, NodeId, NodeListener, NodeStats, PeerInfo, TlsConfig,
+    PROTOCOL_VERSION,
 };
 pub use server::{
     BlockedSource, MaxErrorMassFn, ServeHandle, Server, ServerConfig, ServiceStats, SourceItem,

@@ -230,9 +230,17 @@ async fn link_events_are_a_stream_that_ends_with_the_node() {
         let b = Node::new();
         let mut events = b.subscribe();
         let joined = b.join(addr).await.unwrap();
-        assert_eq!(events.next().await, Some(LinkEvent::Up(a.id())));
+        let up = events.next().await;
+        assert!(
+            matches!(&up, Some(LinkEvent::Up(p)) if p.node == a.id()),
+            "{up:?}"
+        );
         drop(joined);
-        assert_eq!(events.recv().await, Some(LinkEvent::Down(a.id())));
+        let down = events.recv().await;
+        assert!(
+            matches!(&down, Some(LinkEvent::Down(p)) if p.node == a.id()),
+            "{down:?}"
+        );
         b.shutdown().await;
         drop(b);
         assert_eq!(events.next().await, None, "the node is gone");

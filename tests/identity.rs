@@ -65,7 +65,7 @@ async fn restart(
     drop(svc);
     old.shutdown().await;
     drop(old);
-    while events.next().await != Some(LinkEvent::Down(old_id)) {}
+    while !matches!(events.next().await, Some(LinkEvent::Down(p)) if p.node == old_id) {}
     let (new, svc) = server(restarted);
     link(&client_node, &new).await;
     client_node.wait_for_providers("kv", 3, T).await.unwrap();

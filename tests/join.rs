@@ -20,11 +20,20 @@ fn sock(name: &str) -> PathBuf {
     p
 }
 
-async fn next_event(rx: &mut chanserv::LinkEvents) -> LinkEvent {
-    tokio::time::timeout(T, rx.recv())
-        .await
-        .expect("a link event")
-        .expect("events")
+/// The next link going up or down (name changes skipped): `(up, peer)`.
+async fn next_event(rx: &mut chanserv::LinkEvents) -> (bool, u64) {
+    loop {
+        let e = tokio::time::timeout(T, rx.recv())
+            .await
+            .expect("a link event")
+            .expect("events");
+        match e {
+            LinkEvent::Up(p) => return (true, p.node),
+            LinkEvent::Down(p) => return (false, p.node),
+            LinkEvent::Names { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]
@@ -56,7 +65,7 @@ async fn joining_twice_shares_one_loop_and_the_last_handle_leaves() {
     let first = client.join_unix(&path).await.unwrap();
     let second = client.join_unix(&path).await.unwrap();
     assert_eq!(first.peer(), second.peer());
-    assert_eq!(next_event(&mut events).await, LinkEvent::Up(server.id()));
+    assert_eq!(next_event(&mut events).await, (true, server.id()));
     assert_eq!(client.links_established(), 1, "one loop, one link");
     drop(first);
     // Still joined: a stream works.
@@ -77,7 +86,7 @@ async fn joining_twice_shares_one_loop_and_the_last_handle_leaves() {
     assert_eq!(&b, b"hi");
     drop(s);
     drop(second);
-    assert_eq!(next_event(&mut events).await, LinkEvent::Down(server.id()));
+    assert_eq!(next_event(&mut events).await, (false, server.id()));
     assert_eq!(client.link_count(server.id()), 0);
 }
 
@@ -112,13 +121,13 @@ async fn a_detached_join_reconnects_until_the_node_shuts_down() {
     server.listen_unix(&path).await.unwrap();
     let mut events = client.subscribe();
     client.join_unix(&path).await.unwrap().detach();
-    assert_eq!(next_event(&mut events).await, LinkEvent::Up(server.id()));
+    assert_eq!(next_event(&mut events).await, (true, server.id()));
     server.shutdown().await;
-    assert_eq!(next_event(&mut events).await, LinkEvent::Down(server.id()));
+    assert_eq!(next_event(&mut events).await, (false, server.id()));
     let server = Node::new();
     let _ = std::fs::remove_file(&path); // the old socket file
     server.listen_unix(&path).await.unwrap();
-    assert_eq!(next_event(&mut events).await, LinkEvent::Up(server.id()));
+    assert_eq!(next_event(&mut events).await, (true, server.id()));
     assert_eq!(client.links_established(), 2);
     tokio::time::timeout(T, client.shutdown())
         .await
@@ -163,11 +172,7 @@ async fn rotations_keep_one_loop_and_its_handle_closes_every_link() {
     assert!(client.links_established() >= 5, "it rotated");
     let mut events = client.subscribe();
     drop(j);
-    let down = tokio::time::timeout(T, events.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(down, LinkEvent::Down(server.id()));
+    assert_eq!(next_event(&mut events).await, (false, server.id()));
     assert_eq!(client.link_count(server.id()), 0);
     let before = client.links_established();
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -232,12 +232,28 @@ impl Mesh {
         }
     }
 
-    /// Waits for the next link event and prints it: `link up <peer>`, `link down
-    /// <peer>`, `link missed <count>`. Pending forever once the node is gone.
+    /// Waits for the next link event and prints it: `link up <peer> <addr>
+    /// [<identity>]`, `link down <peer> <addr> [<identity>]`, `names <node> +<added>
+    /// -<removed>...`, `link missed <count>`. Pending forever once the node is gone.
     pub async fn print_next_event(&mut self) {
+        let who = |p: &chanserv::PeerInfo| {
+            let id = p.identity.as_deref().map(|i| format!(" {i}"));
+            format!("{} {}{}", hex(p.node), p.addr, id.unwrap_or_default())
+        };
         match self.events.next().await {
-            Some(LinkEvent::Up(p)) => println!("link up {}", hex(p)),
-            Some(LinkEvent::Down(p)) => println!("link down {}", hex(p)),
+            Some(LinkEvent::Up(p)) => println!("link up {}", who(&p)),
+            Some(LinkEvent::Down(p)) => println!("link down {}", who(&p)),
+            Some(LinkEvent::Names {
+                node,
+                added,
+                removed,
+                ..
+            }) => {
+                let added = added.iter().map(|n| format!(" +{n}"));
+                let removed = removed.iter().map(|n| format!(" -{n}"));
+                let changes: String = added.chain(removed).collect();
+                println!("names {}{changes}", hex(node));
+            }
             Some(LinkEvent::Missed(n)) => println!("link missed {n}"),
             Some(other) => println!("link {other:?}"),
             None => std::future::pending().await,

@@ -9,6 +9,8 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::stats::Traffic;
+
 /// Bytes handed to yamux by this link's streams and not yet written to the socket.
 ///
 /// yamux queues each stream's writes (up to its 256 KiB window) until its connection
@@ -101,7 +103,9 @@ impl SendBudget {
 }
 
 /// The link's (buffered) socket as yamux sees it: counts what yamux writes for the
-/// [`SendBudget`], and defers yamux's flushes.
+/// [`SendBudget`], counts the link's bytes in and out ([`Traffic`]: one relaxed add
+/// per read or write call, which moves a whole frame or buffer), and defers yamux's
+/// flushes.
 ///
 /// yamux flushes the socket after every frame, which costs a `send` per frame (a
 /// request, its answer and the stream's FIN would be three). Flushes are deferred
@@ -110,6 +114,7 @@ impl SendBudget {
 pub(super) struct LinkIo<T> {
     pub(super) io: T,
     pub(super) budget: std::sync::Arc<SendBudget>,
+    pub(super) traffic: std::sync::Arc<Traffic>,
     /// Flushes yamux asked for and that were not done yet.
     pub(super) deferred: u32,
 }
@@ -122,7 +127,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for LinkIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            self.traffic.read(buf.filled().len() - before);
+        }
         if r.is_pending() && self.deferred > 0 {
             if let Poll::Ready(f) = Pin::new(&mut self.io).poll_flush(cx) {
                 f?;
@@ -141,6 +150,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for LinkIo<T> {
     ) -> Poll<io::Result<usize>> {
         let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
         self.budget.written(n);
+        self.traffic.wrote(n);
         Poll::Ready(Ok(n))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -13,6 +13,7 @@ use tokio::time::{timeout, Instant};
 use super::link::{hex, Link};
 use super::node::Inner;
 use super::stream::{read_frames, MuxStream};
+use super::LinkEvent;
 use crate::error::Result;
 use crate::proto::frame::FrameCodec;
 use crate::proto::link::{Control, CONTROL_LIMIT};
@@ -26,14 +27,25 @@ pub(super) enum KeepAliveAction {
     Dead,
 }
 
-/// Keep-alive of one link: a PING every `interval`, dead after `timeout` of silence.
-/// Pure: no clock of its own.
+/// Keep-alive of one link: a PING every `interval`, dead after `timeout` of silence,
+/// and the round trip of PING to PONG. Pure: no clock of its own.
+///
+/// A peer answers every PING with a PONG, in order, on one stream: the n-th PONG
+/// answers the n-th PING. One PING at a time is timed (the first sent while none
+/// is), so a slow peer with several PINGs outstanding still gets each measured
+/// round trip matched to its own PING. A PONG beyond the PINGs sent is ignored.
 #[derive(Debug)]
 pub(super) struct KeepAlive {
     interval: Duration,
     timeout: Duration,
     last_heard: Instant,
     next_ping: Instant,
+    /// PINGs sent so far.
+    pings: u64,
+    /// PONGs received so far (never more than `pings`).
+    pongs: u64,
+    /// The PING being timed: its number (counting from 1) and when it was sent.
+    timed: Option<(u64, Instant)>,
 }
 
 impl KeepAlive {
@@ -43,6 +55,25 @@ impl KeepAlive {
             timeout,
             last_heard: now,
             next_ping: now + interval,
+            pings: 0,
+            pongs: 0,
+            timed: None,
+        }
+    }
+
+    /// A PONG arrived at `now`: the round trip of the PING it answers, if that one
+    /// was timed.
+    pub(super) fn pong(&mut self, now: Instant) -> Option<Duration> {
+        if self.pongs == self.pings {
+            return None;
+        }
+        self.pongs += 1;
+        match self.timed {
+            Some((n, sent)) if n == self.pongs => {
+                self.timed = None;
+                Some(now.saturating_duration_since(sent))
+            }
+            _ => None,
         }
     }
 
@@ -63,6 +94,10 @@ impl KeepAlive {
         }
         if now >= self.next_ping {
             self.next_ping = now + self.interval;
+            self.pings += 1;
+            if self.timed.is_none() {
+                self.timed = Some((self.pings, now));
+            }
             return Some(KeepAliveAction::Ping);
         }
         None
@@ -195,9 +230,12 @@ impl Inner {
         links.retain(|l| l.id != link.id);
         true
     }
+}
 
+impl ControlLoop<'_> {
     /// Handles one control message (a frame's body); returns the reply, if any.
-    fn on_control(&self, link: &Arc<Link>, body: Bytes) -> Option<Control> {
+    fn on_control(&mut self, body: Bytes) -> Option<Control> {
+        let (inner, link) = (self.inner, self.link);
         let msg = match Control::decode(body) {
             Ok(msg) => msg,
             // An empty message says nothing; it was always ignored.
@@ -208,28 +246,32 @@ impl Inner {
         };
         match msg {
             Control::Ping => return Some(Control::Pong),
-            Control::Pong => {}
+            Control::Pong => {
+                if let Some(rtt) = self.ka.pong(Instant::now()) {
+                    link.rtt.set(rtt);
+                }
+            }
             Control::Names(names) => {
-                let names = self.authorize_names(link, names);
+                let names = inner.authorize_names(link, names);
                 tracing::debug!(peer = %hex(link.peer), ?names, "peer names");
-                self.state
-                    .lock()
-                    .unwrap()
-                    .peer_names
-                    .insert(link.peer, names);
-                self.names_changed.notify_waiters();
+                let mut st = inner.state.lock().unwrap();
+                let (added, removed) = st.set_peer_names(link.peer, names);
+                // Under the lock, so events come in the order the names changed.
+                if let Some(e) = LinkEvent::names(link.peer, added, removed) {
+                    inner.emit(e);
+                }
+                drop(st);
+                inner.names_changed.notify_waiters();
             }
             Control::Rotate => link.rotate(),
-            Control::Refused(names) => self.on_names_refused(link, names),
+            Control::Refused(names) => inner.on_names_refused(link, names),
             Control::Unknown(k) => {
                 tracing::debug!(peer = %hex(link.peer), "unknown control message {k}")
             }
         }
         None
     }
-}
 
-impl ControlLoop<'_> {
     /// Keep-alive's deadline passed: ping, or declare the link dead.
     fn on_timer(&mut self) -> Turn {
         match self.ka.poll(Instant::now()) {
@@ -255,7 +297,7 @@ impl ControlLoop<'_> {
         loop {
             match self.codec.decode(rbuf) {
                 Ok(Some(body)) => {
-                    if let Some(reply) = self.inner.on_control(self.link, body) {
+                    if let Some(reply) = self.on_control(body) {
                         self.queue(&reply);
                     }
                 }
@@ -315,5 +357,25 @@ mod tests {
         assert_eq!(ka.poll(t0 + 7 * s), Some(KeepAliveAction::Dead));
         let mut quiet = KeepAlive::new(t0, s, 4 * s);
         assert_eq!(quiet.poll(t0 + 4 * s), Some(KeepAliveAction::Dead));
+    }
+
+    #[test]
+    fn a_pong_is_timed_against_its_own_ping() {
+        let t0 = Instant::now();
+        let (s, ms) = (Duration::from_secs(1), Duration::from_millis(1));
+        let mut ka = KeepAlive::new(t0, s, 10 * s);
+        assert_eq!(ka.pong(t0), None, "no PING sent: a stray PONG says nothing");
+        assert_eq!(ka.poll(t0 + s), Some(KeepAliveAction::Ping));
+        assert_eq!(ka.pong(t0 + s + 7 * ms), Some(7 * ms));
+        assert_eq!(ka.pong(t0 + s + 8 * ms), None, "one PONG per PING");
+        // A slow peer: PINGs 2 and 3 are out before PONG 2; only PING 2 is timed.
+        assert_eq!(ka.poll(t0 + 2 * s), Some(KeepAliveAction::Ping));
+        assert_eq!(ka.poll(t0 + 3 * s), Some(KeepAliveAction::Ping));
+        assert_eq!(ka.pong(t0 + 3 * s + 500 * ms), Some(1500 * ms));
+        // PING 4 goes out before PONG 3: PONG 3 answers PING 3, which was not
+        // timed, so it must not be matched to PING 4.
+        assert_eq!(ka.poll(t0 + 4 * s), Some(KeepAliveAction::Ping));
+        assert_eq!(ka.pong(t0 + 4 * s + ms), None);
+        assert_eq!(ka.pong(t0 + 4 * s + 3 * ms), Some(3 * ms));
     }
 }

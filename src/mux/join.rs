@@ -244,14 +244,18 @@ impl Inner {
                 if let Err(e) = s.set_nodelay(true) {
                     tracing::debug!("TCP_NODELAY: {e}");
                 }
-                self.establish_socket(s, true, Some(owner.clone())).await
+                let addr = how.to_string();
+                self.establish_socket(s, true, Some(owner.clone()), addr)
+                    .await
             }
             #[cfg(unix)]
             Rejoin::Unix(p) => {
                 let s = tokio::time::timeout(t, tokio::net::UnixStream::connect(p))
                     .await
                     .map_err(timed_out)??;
-                self.establish_socket(s, true, Some(owner.clone())).await
+                let addr = how.to_string();
+                self.establish_socket(s, true, Some(owner.clone()), addr)
+                    .await
             }
         }
     }

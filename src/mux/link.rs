@@ -27,6 +27,7 @@ use super::budget::{LinkIo, SendBudget};
 use super::join::LinkOwner;
 use super::lifeline::Lifeline;
 use super::node::Inner;
+use super::stats::{Rtt, Traffic};
 use super::stream::{Io, MuxStream, OpenReader};
 use super::{Addr, LinkEvent, NodeConfig, NodeId};
 use crate::error::{Error, Result, Timeout};
@@ -41,7 +42,10 @@ pub(crate) struct Link {
     open_tx: mpsc::Sender<OpenReq>,
     /// This side's outbound stream slots: below yamux's limit, which kills the link.
     pub(super) permits: Arc<Semaphore>,
+    /// Streams opened by dials from here (what rotation counts).
     opened: AtomicU64,
+    /// Streams the peer opened that were delivered to a listener here.
+    pub(super) accepted: AtomicU64,
     /// Streams on this link that are still held (dialed or accepted here).
     pub(super) active: AtomicUsize,
     draining: AtomicBool,
@@ -57,6 +61,16 @@ pub(crate) struct Link {
     owner: Option<LinkOwner>,
     /// The peer's identity from its TLS certificate; `None` on a plaintext link.
     pub(super) identity: Option<String>,
+    /// Where the link goes, as [`LinkStats::addr`](super::LinkStats::addr) prints it.
+    pub(super) addr: String,
+    /// This side opened the link.
+    pub(super) dialed: bool,
+    /// When the link came up.
+    pub(super) since: tokio::time::Instant,
+    /// Bytes through the link's socket wrapper.
+    pub(super) traffic: Arc<Traffic>,
+    /// The last keep-alive round trip.
+    pub(super) rtt: Rtt,
 }
 
 impl Link {
@@ -91,6 +105,11 @@ impl Link {
         let (tx, rx) = oneshot::channel();
         self.open_tx.send(tx).await.map_err(|_| Error::LinkClosed)?;
         rx.await.map_err(|_| Error::LinkClosed)?.map_err(yamux_err)
+    }
+
+    /// Streams opened by dials from here so far.
+    pub(super) fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
     }
 
     /// Counts an opened stream; past the node's quota of stream ids, rotates.
@@ -143,12 +162,14 @@ impl Inner {
     /// Runs the handshake on `io`, registers the link and spawns its tasks. Returns once
     /// the link is up; it then lives until its socket fails, it misses its keep-alive,
     /// it retires after a rotation, or `owner`'s token (else the node's) is cancelled.
+    /// `addr` says where `io` goes, for stats and events.
     pub(super) async fn establish<IO>(
         self: &Arc<Self>,
         io: IO,
         initiator: bool,
         owner: Option<LinkOwner>,
         identity: Option<String>,
+        addr: String,
     ) -> Result<Established>
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -172,9 +193,11 @@ impl Inner {
             yamux::Mode::Server
         };
         let budget = Arc::new(SendBudget::new(self.cfg.send_queue));
+        let traffic = Arc::new(Traffic::default());
         let io = LinkIo {
             io,
             budget: budget.clone(),
+            traffic: traffic.clone(),
             deferred: 0,
         };
         let conn = yamux::Connection::new(io.compat(), self.cfg.yamux(max_streams), mode);
@@ -190,6 +213,7 @@ impl Inner {
             open_tx,
             permits: Arc::new(Semaphore::new(max_streams)),
             opened: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
             active: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             idle: tokio::sync::Notify::new(),
@@ -199,6 +223,11 @@ impl Inner {
             budget,
             owner,
             identity,
+            addr,
+            dialed: initiator,
+            since: tokio::time::Instant::now(),
+            traffic,
+            rtt: Rtt::default(),
         });
         let (ctl_in_tx, ctl_in_rx) = oneshot::channel();
         let driver = self.spawn_driver(&link, conn, open_rx, ctl_in_tx);
@@ -231,12 +260,11 @@ impl Inner {
             older.idle.notify_one();
         }
         links.push(link.clone());
-        let first = links.len() == 1;
-        link.send_control(st.names_message());
-        drop(st);
-        if first {
-            self.emit(LinkEvent::Up(link.peer));
+        if links.len() == 1 {
+            // Under the lock, so events come in the order the table changed.
+            self.emit(LinkEvent::Up(link.info()));
         }
+        link.send_control(st.names_message());
         Ok(())
     }
 
@@ -258,14 +286,17 @@ impl Inner {
                 links.retain(|l| l.id != link.id);
                 if links.is_empty() {
                     st.links.remove(&link.peer);
-                    st.peer_names.remove(&link.peer);
+                    let names = st.peer_names.remove(&link.peer).unwrap_or_default();
+                    // Under the lock, so events come in the order the table changed.
+                    let gone = LinkEvent::names(link.peer, vec![], names.into_iter().collect());
+                    gone.into_iter().for_each(|e| self.emit(e));
+                    self.emit(LinkEvent::Down(link.info()));
                     last = true;
                 }
             }
             last
         };
         if last {
-            self.emit(LinkEvent::Down(link.peer));
             self.names_changed.notify_waiters();
         }
         if let Err(e) = driver.await {
@@ -374,6 +405,7 @@ impl Inner {
     /// opens). A refusal goes out at once instead.
     fn accepted(&self, mut s: MuxStream, link: &Arc<Link>) -> (MuxStream, Addr) {
         s.header = Some(BytesMut::from(&[Status::Accepted.encode()][..]));
+        link.accepted.fetch_add(1, Ordering::Relaxed);
         (
             s.on_link(Active::new(link.clone()), None),
             Addr::new(link.peer, String::new()),

@@ -8,7 +8,8 @@
 //! (keep-alive and names on the control stream), `join` (a joined address's one
 //! reconnect loop), `stream` ([`MuxStream`]), `budget` (the per-link send budget),
 //! `lifeline` (how a dead link fails its streams), `tls` ([`TlsConfig`]: TLS 1.3 under
-//! a link, peer identities), `authz` (what an authenticated peer may announce).
+//! a link, peer identities), `authz` (what an authenticated peer may announce),
+//! `stats` ([`NodeStats`]: a snapshot per link, and the counters behind it).
 //! Byte layouts are in `PROTOCOL.md` ("Links", "Stream open", "Control stream",
 //! "Security") and `proto/link.rs`.
 
@@ -34,6 +35,7 @@ mod lifeline;
 mod link;
 mod node;
 mod registry;
+mod stats;
 mod stream;
 mod tls;
 
@@ -41,6 +43,7 @@ pub use crate::proto::link::PROTOCOL_VERSION;
 pub use config::NodeConfig;
 pub use join::Joined;
 pub use node::{Node, NodeListener};
+pub use stats::{LinkState, LinkStats, NodeStats};
 pub use stream::MuxStream;
 pub(crate) use stream::{from_io, poll_read_frames, read_frames};
 pub use tls::TlsConfig;
@@ -180,17 +183,67 @@ impl VAddr {
     }
 }
 
-/// A link went up or down.
+/// Who is at the other end of a link, as a [`LinkEvent`] tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerInfo {
+    /// The peer's node id.
+    pub node: NodeId,
+    /// Where the link goes, printed as [`LinkStats::addr`] says: `127.0.0.1:7000`,
+    /// `unix:/path`, or `attached`.
+    pub addr: String,
+    /// The peer's TLS identity ([`Node::peer_identity`]); `None` on a plaintext or
+    /// [`attach`](Node::attach)ed link.
+    pub identity: Option<String>,
+}
+
+/// A link went up or down, or the service names a node provides changed.
+///
+/// Events of one node come in the order its state changed: a peer's `Up` before
+/// its first `Names`, its last `Names` before its `Down`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LinkEvent {
-    /// The first link to this peer is up (Go circuit's `OnJoin`).
-    Up(NodeId),
-    /// The last link to this peer is down; its names are withdrawn (`OnLeave`).
-    Down(NodeId),
+    /// The first link to this peer is up (Go circuit's `OnJoin`); the info is that
+    /// link's.
+    Up(PeerInfo),
+    /// The last link to this peer is down; its names are withdrawn (`OnLeave`). The
+    /// info is that last link's.
+    Down(PeerInfo),
+    /// The service names `node` provides changed: a linked peer announced a set that
+    /// differs from its last one (its first announcement after `Up` adds all its
+    /// names), its last link went down (everything it had is removed, just before its
+    /// `Down`), or this node (`node` is [`Node::id`]) bound a name or dropped the
+    /// listener of one. Names a TLS peer may not announce
+    /// ([`TlsConfig::allow_names`]) never appear. Nothing fires when nothing changed
+    /// (a rotated link announcing the same names), nor for `":port"` addresses, nor
+    /// for the node's own names when it shuts down.
+    #[non_exhaustive]
+    Names {
+        /// The node whose names changed.
+        node: NodeId,
+        /// Names it provides now and did not before, sorted.
+        added: Vec<String>,
+        /// Names it provided before and no longer does, sorted.
+        removed: Vec<String>,
+    },
     /// This subscriber fell behind and missed this many events (the node keeps the
-    /// last 256); [`Node::peers`] tells where things stand now.
+    /// last 256); [`Node::peers`] and [`Node::services`] tell where things stand now.
     Missed(u64),
+}
+
+impl LinkEvent {
+    /// A `Names` event, or `None` when nothing changed.
+    pub(crate) fn names(node: NodeId, added: Vec<String>, removed: Vec<String>) -> Option<Self> {
+        if added.is_empty() && removed.is_empty() {
+            return None;
+        }
+        Some(LinkEvent::Names {
+            node,
+            added,
+            removed,
+        })
+    }
 }
 
 /// The link events of a node ([`Node::subscribe`]): a `Stream` of [`LinkEvent`] that
@@ -341,12 +394,19 @@ mod tests {
     async fn a_subscriber_that_falls_behind_is_told_how_much_it_missed() {
         let (tx, rx) = broadcast::channel(2);
         let mut events = LinkEvents::new(rx);
+        let up = |node| {
+            LinkEvent::Up(PeerInfo {
+                node,
+                addr: "attached".into(),
+                identity: None,
+            })
+        };
         for peer in 1..=5 {
-            tx.send(LinkEvent::Up(peer)).unwrap();
+            tx.send(up(peer)).unwrap();
         }
         assert_eq!(events.next().await, Some(LinkEvent::Missed(3)));
-        assert_eq!(events.next().await, Some(LinkEvent::Up(4)));
-        assert_eq!(events.next().await, Some(LinkEvent::Up(5)));
+        assert_eq!(events.next().await, Some(up(4)));
+        assert_eq!(events.next().await, Some(up(5)));
         drop(tx);
         assert_eq!(events.next().await, None);
         assert_eq!(events.next().await, None);

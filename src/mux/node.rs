@@ -38,7 +38,7 @@ use crate::error::{Error, Result, Timeout};
 /// - `"<node-id>:<port>"` (16 hex digits): a port on a given node, directly linked.
 #[derive(Clone)]
 pub struct Node {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
     _stop: Arc<Stop>,
 }
 
@@ -120,35 +120,9 @@ impl Node {
         self.inner.id
     }
 
-    /// Link up/down events from now on, as a stream (see [`LinkEvents`]).
+    /// Link up/down and name events from now on, as a stream (see [`LinkEvents`]).
     pub fn subscribe(&self) -> LinkEvents {
         LinkEvents::new(self.inner.events.subscribe())
-    }
-
-    /// Ids of the peers this node has a link to.
-    pub fn peers(&self) -> Vec<NodeId> {
-        let st = self.inner.state.lock().unwrap();
-        st.links.keys().copied().collect()
-    }
-
-    /// The identity of `peer` (its certificate's first DNS name, see [`TlsConfig`](crate::TlsConfig))
-    /// while this node has a TLS link to it; `None` without a link, or over a
-    /// plaintext or [`attach`](Self::attach)ed one.
-    pub fn peer_identity(&self, peer: NodeId) -> Option<String> {
-        let st = self.inner.state.lock().unwrap();
-        st.links.get(&peer)?.last()?.identity.clone()
-    }
-
-    /// How many links (including draining ones) this node has to `peer`.
-    pub fn link_count(&self, peer: NodeId) -> usize {
-        let st = self.inner.state.lock().unwrap();
-        st.links.get(&peer).map_or(0, Vec::len)
-    }
-
-    /// How many links this node has established since it started, replacements after
-    /// a reconnect or a rotation included.
-    pub fn links_established(&self) -> u64 {
-        self.inner.links_up.load(Ordering::Relaxed)
     }
 
     /// Accepts links on a TCP address until the node shuts down. Returns the bound
@@ -195,7 +169,10 @@ impl Node {
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let r = self.inner.establish(io, initiator, None, None).await;
+        let r = self
+            .inner
+            .establish(io, initiator, None, None, "attached".into())
+            .await;
         Ok(r.map_err(super::tls::classify)?.link.peer)
     }
 
@@ -304,6 +281,14 @@ impl Inner {
         }
     }
 
+    /// Publishes a change of this node's own names (under the state lock, so events
+    /// come in the order binds changed).
+    fn emit_names(&self, added: Vec<String>, removed: Vec<String>) {
+        if let Some(e) = LinkEvent::names(self.id, added, removed) {
+            self.emit(e);
+        }
+    }
+
     fn route(&self, v: &VAddr, opts: &DialOptions) -> Result<Route> {
         let rr = self.rr.fetch_add(1, Ordering::Relaxed);
         self.state.lock().unwrap().route(self.id, v, opts, rr)
@@ -325,7 +310,8 @@ impl Inner {
                     backoff = MIN;
                     let inner = self.clone();
                     self.tasks.spawn(async move {
-                        if let Err(e) = inner.establish_socket(io, false, None).await {
+                        let r = inner.establish_socket(io, false, None, from.clone()).await;
+                        if let Err(e) = r {
                             tracing::warn!("inbound link from {from}: {e}");
                         }
                     });
@@ -437,7 +423,11 @@ impl LinkListener for tokio::net::TcpListener {
 impl LinkListener for tokio::net::UnixListener {
     type Io = tokio::net::UnixStream;
     async fn accept_io(&mut self) -> std::io::Result<(Self::Io, String)> {
-        Ok((self.accept().await?.0, "a unix socket".into()))
+        let s = self.accept().await?.0;
+        // A Unix peer has no address of its own: name the path it came in on.
+        let here = self.local_addr()?;
+        let path = here.as_pathname().map(|p| p.display().to_string());
+        Ok((s, format!("unix:{}", path.unwrap_or_default())))
     }
 }
 
@@ -471,6 +461,7 @@ impl Multiplexer for Node {
         st.binds.insert(key.clone(), Binding { id, tx });
         if !key.starts_with(':') {
             st.announce_names();
+            inner.emit_names(vec![key.clone()], vec![]);
         }
         drop(st);
         inner.names_changed.notify_waiters();
@@ -536,6 +527,8 @@ impl Drop for NodeListener {
             st.binds.remove(self.addr.vaddr());
             if !self.addr.vaddr().starts_with(':') {
                 st.announce_names();
+                let name = self.addr.vaddr().to_owned();
+                self.node.emit_names(vec![], vec![name]);
             }
         }
     }

@@ -81,6 +81,21 @@ impl State {
         all
     }
 
+    /// Records the names `peer` announced; returns what that added and removed
+    /// (sorted), against what it announced before.
+    pub(super) fn set_peer_names(
+        &mut self,
+        peer: NodeId,
+        names: BTreeSet<String>,
+    ) -> (Vec<String>, Vec<String>) {
+        let old = self.peer_names.insert(peer, names).unwrap_or_default();
+        let new = &self.peer_names[&peer];
+        (
+            new.difference(&old).cloned().collect(),
+            old.difference(new).cloned().collect(),
+        )
+    }
+
     /// Tells every linked peer this node's names.
     pub(super) fn announce_names(&self) {
         let msg = self.names_message();
@@ -247,6 +262,23 @@ mod tests {
             }
         }
         assert!((30..=110).contains(&moved), "node 2 owned {moved} of 200");
+    }
+
+    #[test]
+    fn a_peers_new_names_are_told_as_what_they_add_and_remove() {
+        let mut st = State::default();
+        let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+        let strings = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            st.set_peer_names(1, set(&["b", "a"])),
+            (strings(&["a", "b"]), vec![])
+        );
+        assert_eq!(st.set_peer_names(1, set(&["b", "a"])), (vec![], vec![]));
+        assert_eq!(
+            st.set_peer_names(1, set(&["c", "a"])),
+            (strings(&["c"]), strings(&["b"]))
+        );
+        assert_eq!(st.set_peer_names(2, set(&["a"])), (strings(&["a"]), vec![]));
     }
 
     #[test]

@@ -350,17 +350,20 @@ impl Inner {
         io: IO,
         initiator: bool,
         owner: Option<LinkOwner>,
+        addr: String,
     ) -> Result<Established>
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let Some(tls) = self.cfg.tls.clone() else {
-            return self.establish(io, initiator, owner, None).await;
+            return self.establish(io, initiator, owner, None, addr).await;
         };
         let within = self.cfg.handshake_timeout;
         let (io, identity) = tls.handshake(io, initiator, within).await?;
         tracing::debug!(%identity, "TLS handshake done");
-        let r = self.establish(io, initiator, owner, Some(identity)).await;
+        let r = self
+            .establish(io, initiator, owner, Some(identity), addr)
+            .await;
         r.map_err(classify)
     }
 }
