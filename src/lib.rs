@@ -143,9 +143,9 @@ mod mux;
 mod proto;
 mod server;
 mod source;
+mod tally;
 #[cfg(feature = "serde")]
 pub mod typed;
-mod tally;
 
 pub use proto::frame;
 
