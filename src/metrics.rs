@@ -20,6 +20,8 @@
 //! // …then, now and then:
 //! metrics::record_service("svc", &service.stats());
 //! metrics::record_client("main", &client.stats());
+//! # let node = Node::new();
+//! metrics::record_node(&node.stats());
 //! # Ok(()) }
 //! ```
 //!
@@ -59,10 +61,40 @@
 //! | `chanserv_client_bytes_received_total` | counter | frame payload bytes received (after decompression) |
 //!
 //! How fresh the client's frames and bytes are: see [`RequestStats`](crate::RequestStats).
+//!
+//! ## Node metrics ([`NodeStats`]), label `node`
+//!
+//! The label is the node's id, 16 hex digits.
+//!
+//! | name | kind | meaning |
+//! |---|---|---|
+//! | `chanserv_node_links` | gauge | links in the routing table now (draining ones included) |
+//! | `chanserv_node_peers` | gauge | peers linked now |
+//! | `chanserv_node_links_established_total` | counter | links established since the node started (reconnects and rotations included) |
+//!
+//! ## Link metrics ([`LinkStats`]), labels `peer` and `identity`
+//!
+//! One series per linked peer: `peer` is its node id (16 hex digits), `identity` its
+//! TLS identity (the label is left out on plaintext links). While a rotated link
+//! drains, a peer has two links: their counters and gauges are summed, and when the
+//! old one retires the counters drop by its share, which Prometheus reads as a
+//! counter reset (as it does after a reconnect, where the new link starts at 0).
+//! Bytes are what the links carry (see [`LinkStats::bytes_in`]).
+//!
+//! | name | kind | meaning |
+//! |---|---|---|
+//! | `chanserv_link_links` | gauge | links to the peer now (2 while a rotated link drains) |
+//! | `chanserv_link_bytes_in_total` | counter | bytes read from the peer's links |
+//! | `chanserv_link_bytes_out_total` | counter | bytes written to the peer's links |
+//! | `chanserv_link_streams_open` | gauge | streams this node holds on the peer's links now |
+//! | `chanserv_link_streams_total` | counter | streams opened on the peer's links, both ways |
+//! | `chanserv_link_rtt_seconds` | gauge | the newest link's last keep-alive round trip; absent until its first one |
+
+use std::collections::BTreeMap;
 
 use ::metrics::{Label, SharedString, Unit};
 
-use crate::{ClientStats, ServiceStats};
+use crate::{ClientStats, LinkStats, NodeId, NodeStats, ServiceStats};
 
 /// One metric of a snapshot: its name, value, unit and help text.
 struct Metric {
@@ -244,21 +276,134 @@ fn client_metrics(st: &ClientStats) -> [Metric; 10] {
     ]
 }
 
-// Node and link metrics go here: `node_metrics(&NodeStats)` (per node) and
-// `link_metrics(&LinkStats)` (label `peer`, the peer's node id) as tables like the
-// two above, a `record_node` that publishes them, their rows in `describe` and in
-// the module docs' tables. `Node::stats()` is added separately; wire it once it lands.
+fn node_metrics(st: &NodeStats) -> [Metric; 3] {
+    let mut peers: Vec<NodeId> = st.links.iter().map(|l| l.peer).collect();
+    peers.dedup(); // sorted by peer
+    [
+        gauge(
+            "chanserv_node_links",
+            st.links.len() as f64,
+            None,
+            "Links in the routing table now (draining ones included).",
+        ),
+        gauge(
+            "chanserv_node_peers",
+            peers.len() as f64,
+            None,
+            "Peers linked now.",
+        ),
+        counter(
+            "chanserv_node_links_established_total",
+            st.links_established,
+            None,
+            "Links established since the node started (reconnects and rotations included).",
+        ),
+    ]
+}
+
+/// The links to one peer, summed (see the module docs).
+#[derive(Default)]
+struct PeerLinks {
+    identity: Option<String>,
+    links: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    streams_open: u64,
+    streams_total: u64,
+    /// The newest link's round trip, as it is `None` until its first PONG.
+    rtt: Option<f64>,
+}
+
+impl PeerLinks {
+    /// Adds `l`; links come oldest first, so the last one added is the newest.
+    fn add(&mut self, l: &LinkStats) {
+        self.identity = l.identity.clone().or(self.identity.take());
+        self.links += 1;
+        self.bytes_in += l.bytes_in;
+        self.bytes_out += l.bytes_out;
+        self.streams_open += l.streams_open;
+        self.streams_total += l.streams_total;
+        self.rtt = l.rtt.map(|d| d.as_secs_f64());
+    }
+}
+
+/// The link metrics of one peer; the round trip only once one is known.
+fn link_metrics(p: &PeerLinks) -> Vec<Metric> {
+    let mut m = vec![
+        gauge(
+            "chanserv_link_links",
+            p.links as f64,
+            None,
+            "Links to the peer now (2 while a rotated link drains).",
+        ),
+        counter(
+            "chanserv_link_bytes_in_total",
+            p.bytes_in,
+            Some(Unit::Bytes),
+            "Bytes read from the peer's links (yamux session, before TLS).",
+        ),
+        counter(
+            "chanserv_link_bytes_out_total",
+            p.bytes_out,
+            Some(Unit::Bytes),
+            "Bytes written to the peer's links (yamux session, before TLS).",
+        ),
+        gauge(
+            "chanserv_link_streams_open",
+            p.streams_open as f64,
+            None,
+            "Streams this node holds on the peer's links now.",
+        ),
+        counter(
+            "chanserv_link_streams_total",
+            p.streams_total,
+            None,
+            "Streams opened on the peer's links, both ways.",
+        ),
+    ];
+    if let Some(rtt) = p.rtt {
+        m.push(gauge(
+            "chanserv_link_rtt_seconds",
+            rtt,
+            Some(Unit::Seconds),
+            "The newest link's last keep-alive round trip.",
+        ));
+    }
+    m
+}
+
+/// Publishes a snapshot of a node's links ([`Node::stats`](crate::Node::stats)): the
+/// node's metrics labelled `node`, and per linked peer its link metrics labelled
+/// `peer` (and `identity` over TLS). A peer no longer linked is not published again:
+/// a recorder that keeps old series shows its last values.
+pub fn record_node(stats: &NodeStats) {
+    let node = Label::new("node", format!("{:016x}", stats.node));
+    publish(&[node], &node_metrics(stats));
+    let mut peers: BTreeMap<NodeId, PeerLinks> = BTreeMap::new();
+    for l in &stats.links {
+        peers.entry(l.peer).or_default().add(l);
+    }
+    for (peer, links) in &peers {
+        let mut labels = vec![Label::new("peer", format!("{peer:016x}"))];
+        if let Some(id) = &links.identity {
+            labels.push(Label::new("identity", id.clone()));
+        }
+        publish(&labels, &link_metrics(links));
+    }
+}
 
 /// Publishes a snapshot of the service `service`'s counters
 /// ([`ServeHandle::stats`](crate::ServeHandle::stats)), labelled `service`.
 pub fn record_service(service: &str, stats: &ServiceStats) {
-    publish("service", service, &service_metrics(stats));
+    let labels = [Label::new("service", service.to_owned())];
+    publish(&labels, &service_metrics(stats));
 }
 
 /// Publishes a snapshot of a client's counters ([`Client::stats`](crate::Client::stats)),
 /// labelled `client` with the name you give it.
 pub fn record_client(client: &str, stats: &ClientStats) {
-    publish("client", client, &client_metrics(stats));
+    let labels = [Label::new("client", client.to_owned())];
+    publish(&labels, &client_metrics(stats));
 }
 
 /// Registers every metric's help text and unit with the installed recorder (for
@@ -267,8 +412,17 @@ pub fn record_client(client: &str, stats: &ClientStats) {
 pub fn describe() {
     let service = service_metrics(&ServiceStats::default());
     let client = client_metrics(&ClientStats::default());
+    let node = node_metrics(&NodeStats {
+        node: 0,
+        links: Vec::new(),
+        links_established: 0,
+    });
+    let link = link_metrics(&PeerLinks {
+        rtt: Some(0.0),
+        ..PeerLinks::default()
+    });
     ::metrics::with_recorder(|r| {
-        for m in service.iter().chain(&client) {
+        for m in service.iter().chain(&client).chain(&node).chain(&link) {
             let help = SharedString::const_str(m.help);
             match m.value {
                 Value::Counter(_) => r.describe_counter(m.name.into(), m.unit, help),
@@ -278,8 +432,7 @@ pub fn describe() {
     });
 }
 
-fn publish(label: &'static str, value: &str, metrics: &[Metric]) {
-    let labels = [Label::new(label, value.to_owned())];
+fn publish(labels: &[Label], metrics: &[Metric]) {
     for m in metrics {
         match m.value {
             Value::Counter(v) => ::metrics::counter!(m.name, labels.iter()).absolute(v),

@@ -1,8 +1,8 @@
-//! The `metrics` feature: a service's and a client's counters after a known workload,
-//! as a recorder sees them. `cargo test --features metrics --test metrics`.
+//! The `metrics` feature: a service's, a client's and the two nodes' counters after a
+//! known workload, as a recorder sees them. `cargo test --features metrics --test metrics`.
 #![cfg(feature = "metrics")]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -118,6 +118,7 @@ impl Recorder for TestRecorder {
 async fn a_known_workload_is_exported() {
     timeout(T, async {
         let (a, b) = pair().await;
+        let (node_a, node_b) = (a.clone(), b.clone());
         let svc = Server::new(a)
             .listen_and_serve("svc", |_| {
                 // Two sources of 10 frames of 2 KiB (on child streams), one that
@@ -145,12 +146,15 @@ async fn a_known_workload_is_exported() {
         }
         let client_stats = client.stats();
         let service_stats = svc.shutdown(T).await;
+        let (stats_a, stats_b) = (node_a.stats(), node_b.stats());
 
         let rec = TestRecorder::default();
         metrics::with_local_recorder(&rec, || {
             export::describe();
             export::record_service("svc", &service_stats);
             export::record_client("main", &client_stats);
+            export::record_node(&stats_a);
+            export::record_node(&stats_b);
         });
         let s = |name: &str| rec.get(&format!("chanserv_service_{name}"), "service=svc");
         assert_eq!(s("requests_total"), 2.0);
@@ -178,14 +182,34 @@ async fn a_known_workload_is_exported() {
         assert_eq!(c("frames_received_total"), 2.0 * 21.0);
         assert_eq!(c("bytes_received_total"), 2.0 * (20.0 * 2048.0 + 1.0));
 
+        // Each node sees one link, to the other; what one wrote, the other read.
+        let (id_a, id_b) = (node_a.id(), node_b.id());
+        check_links(&rec, id_a, id_b, &stats_a);
+        check_links(&rec, id_b, id_a, &stats_b);
+        // The service's node sent every frame's payload to the client's (uncompressed).
+        let payload = 2.0 * (20.0 * 2048.0 + 1.0);
+        let a_out = rec.get("chanserv_link_bytes_out_total", &peer_label(id_b));
+        let b_in = rec.get("chanserv_link_bytes_in_total", &peer_label(id_a));
+        assert!(a_out > payload && b_in > payload, "{a_out} {b_in}");
+        // The service's node accepted 2 request streams and dialed a child stream
+        // for each of the 4 big sources.
+        let streams = stats_a.links[0].streams_total;
+        assert!(streams >= 2 + 4, "{streams}");
+
         // Every metric published is described, with its unit where it has one.
         let seen = rec.0.lock().unwrap();
-        let names: Vec<_> = seen.values.keys().map(|(n, _)| n.clone()).collect();
-        assert_eq!(names.len(), 13 + 10);
+        let names: BTreeSet<_> = seen.values.keys().map(|(n, _)| n.clone()).collect();
+        // The RTT is described, and published only where a round trip was measured.
+        let rtts = seen
+            .values
+            .keys()
+            .filter(|(n, _)| n.ends_with("rtt_seconds"))
+            .count();
+        assert_eq!(names.len(), 13 + 10 + 3 + 5 + rtts.min(1));
         for n in &names {
             assert!(seen.described.contains_key(n), "{n} not described");
         }
-        assert_eq!(seen.described.len(), names.len());
+        assert_eq!(seen.described.len(), 13 + 10 + 3 + 6);
         let unit = |n: &str| seen.described[n].0;
         assert_eq!(
             unit("chanserv_client_bytes_received_total"),
@@ -195,7 +219,33 @@ async fn a_known_workload_is_exported() {
             unit("chanserv_service_backpressure_wait_seconds"),
             Some(Unit::Seconds)
         );
+        assert_eq!(unit("chanserv_link_bytes_out_total"), Some(Unit::Bytes));
+        assert_eq!(unit("chanserv_link_rtt_seconds"), Some(Unit::Seconds));
     })
     .await
     .expect("hung");
+}
+
+fn peer_label(peer: u64) -> String {
+    format!("peer={peer:016x}")
+}
+
+/// Node `id`'s metrics, and those of its one link (to `peer`), as `stats` says.
+fn check_links(rec: &TestRecorder, id: u64, peer: u64, stats: &chanserv::NodeStats) {
+    let n = |name: &str| rec.get(&format!("chanserv_node_{name}"), &format!("node={id:016x}"));
+    assert_eq!(n("links"), 1.0);
+    assert_eq!(n("peers"), 1.0);
+    assert_eq!(n("links_established_total"), 1.0);
+    let link = &stats.links[0];
+    let l = |name: &str| rec.get(&format!("chanserv_link_{name}"), &peer_label(peer));
+    assert_eq!(l("links"), 1.0);
+    assert_eq!(l("bytes_in_total"), link.bytes_in as f64);
+    assert_eq!(l("bytes_out_total"), link.bytes_out as f64);
+    assert_eq!(l("streams_open"), link.streams_open as f64);
+    assert_eq!(l("streams_total"), link.streams_total as f64);
+    // The RTT series exists once a keep-alive round trip was measured (the first
+    // PING is 5 s away, so normally not yet).
+    let rtt = ("chanserv_link_rtt_seconds".to_owned(), peer_label(peer));
+    let published = rec.0.lock().unwrap().values.get(&rtt).copied();
+    assert_eq!(published, link.rtt.map(|d| d.as_secs_f64()));
 }
