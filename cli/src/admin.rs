@@ -1,19 +1,26 @@
 //! The admin service every node the CLI runs (`chanserv node`, `chanserv serve`)
-//! binds under the reserved name [`ADMIN`]: a request `names` or `peers` gets one
-//! source (header: the request) with one frame, a JSON object ([`NamesReply`],
-//! [`PeersReply`]). `chanserv names` / `chanserv peers` post it to one node with
-//! `Client::post_to`, since every CLI node binds the same name.
+//! binds under the reserved name [`ADMIN`]: a request `names`, `peers`, `stats` or
+//! `services` gets one source (header: the request) with one frame, a JSON object
+//! ([`NamesReply`], [`PeersReply`], and in `stats`: `StatsReply`, `ServicesReply`).
+//! `chanserv names` / `peers` / `stats` post it to one node with `Client::post_to`,
+//! since every CLI node binds the same name.
 //!
+//! `stats` is the node's links and the stats of every service served by the CLI
+//! processes it knows: its own, and those of each linked peer that binds [`ADMIN`],
+//! which it asks for `services` (their own services only, so nothing loops).
 //! Names beginning with `chanserv.` are reserved for the CLI: never relayed, hidden
 //! by `chanserv names` unless `--all`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use chanserv::{Bytes, Node, ServeHandle, Server, Source};
-use futures::stream;
+use chanserv::{BoxError, Bytes, Client, Node, NodeId, ServeHandle, Server, ServiceStats, Source};
+use futures::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
+use crate::mesh::describe;
+use crate::stats;
 use crate::units::hex;
 use crate::Fail;
 
@@ -61,58 +68,178 @@ pub struct PeerInfo {
     pub links: usize,
 }
 
+/// Services a process serves, by name: shared by the code that binds them, the
+/// admin service (`stats`) and the metrics endpoint (`prom`).
+#[derive(Debug, Clone, Default)]
+pub struct Served(Arc<Mutex<BTreeMap<String, ServeHandle>>>);
+
+impl Served {
+    pub fn insert(&self, name: String, handle: ServeHandle) {
+        self.0.lock().unwrap().insert(name, handle);
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.lock().unwrap().contains_key(name)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.0.lock().unwrap().keys().cloned().collect()
+    }
+
+    /// Each service's stats now, by name.
+    pub fn stats(&self) -> Vec<(String, ServiceStats)> {
+        let map = self.0.lock().unwrap();
+        map.iter().map(|(n, h)| (n.clone(), h.stats())).collect()
+    }
+
+    /// Keeps the services `keep` says yes to; the others stop at once (their handles
+    /// drop). Returns the names removed.
+    pub fn retain(&self, mut keep: impl FnMut(&str) -> bool) -> Vec<String> {
+        let mut map = self.0.lock().unwrap();
+        let gone: Vec<String> = map.keys().filter(|n| !keep(n)).cloned().collect();
+        for n in &gone {
+            map.remove(n);
+        }
+        gone
+    }
+
+    /// Takes every handle out, for a graceful shutdown.
+    pub fn take(&self) -> Vec<ServeHandle> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+            .into_values()
+            .collect()
+    }
+}
+
 /// What the admin service knows beyond the node itself.
 #[derive(Debug, Clone, Default)]
 pub struct AdminInfo {
     pub listen: Vec<String>,
-    /// Kept up to date by the relay.
-    pub relayed: Arc<Mutex<BTreeSet<String>>>,
+    /// The services this process serves (`chanserv serve`'s one).
+    pub served: Served,
+    /// The services it relays for its peers, kept up to date by the relay.
+    pub relayed: Served,
 }
 
 /// Binds [`ADMIN`] on `node`.
 pub fn serve(node: &Node, info: AdminInfo) -> Result<ServeHandle, Fail> {
-    let n = node.clone();
+    let fail = |e: chanserv::Error| Fail::usage(format!("cannot bind {ADMIN}: {e}"));
+    let ctx = Arc::new(Ctx {
+        node: node.clone(),
+        client: Client::new(node.clone()).map_err(fail)?,
+        info,
+    });
     Server::new(node.clone())
-        .listen_and_serve(ADMIN, move |req| {
-            let answer = answer(&n, &info, &req.body);
-            stream::iter([answer.map(|json| Source::new(req.body.clone(), stream::iter([json])))])
+        .listen_and_serve_async(ADMIN, move |req| {
+            let ctx = ctx.clone();
+            async move {
+                let json = ctx.answer(&req.body).await?;
+                Ok(stream::iter([Source::new(req.body, stream::iter([json]))]))
+            }
         })
-        .map_err(|e| Fail::usage(format!("cannot bind {ADMIN}: {e}")))
+        .map_err(fail)
 }
 
-fn answer(node: &Node, info: &AdminInfo, what: &[u8]) -> Result<Bytes, String> {
-    let json = match what {
-        b"names" => serde_json::to_vec(&NamesReply {
-            node: hex(node.id()),
-            services: node
-                .services()
-                .into_iter()
-                .map(|(name, ids)| (name, ids.into_iter().map(hex).collect()))
-                .collect(),
-            relayed: info.relayed.lock().unwrap().iter().cloned().collect(),
-        }),
-        b"peers" => {
-            let mut ids = node.peers();
-            ids.sort_unstable();
-            serde_json::to_vec(&PeersReply {
+/// What the admin service answers from.
+struct Ctx {
+    node: Node,
+    /// Asks the peers for `services`.
+    client: Client,
+    info: AdminInfo,
+}
+
+impl Ctx {
+    async fn answer(&self, what: &[u8]) -> Result<Bytes, BoxError> {
+        let json = match what {
+            b"stats" => {
+                serde_json::to_vec(&stats::gather(&self.node, &self.client, &self.info).await)
+            }
+            b"services" => serde_json::to_vec(&stats::services_reply(&self.node, &self.info)),
+            other => Self::answer_now(&self.node, &self.info, other)?,
+        };
+        Ok(Bytes::from(json?))
+    }
+
+    /// `names` and `peers`.
+    fn answer_now(
+        node: &Node,
+        info: &AdminInfo,
+        what: &[u8],
+    ) -> Result<serde_json::Result<Vec<u8>>, String> {
+        Ok(match what {
+            b"names" => serde_json::to_vec(&NamesReply {
                 node: hex(node.id()),
-                listen: info.listen.clone(),
-                links_established: node.links_established(),
-                peers: ids
+                services: node
+                    .services()
                     .into_iter()
-                    .map(|p| PeerInfo {
-                        id: hex(p),
-                        links: node.link_count(p),
-                    })
+                    .map(|(name, ids)| (name, ids.into_iter().map(hex).collect()))
                     .collect(),
-            })
-        }
-        other => {
-            return Err(format!(
-                "unknown admin request {:?}: ask names or peers",
-                String::from_utf8_lossy(other)
-            ))
-        }
+                relayed: info.relayed.names(),
+            }),
+            b"peers" => {
+                let mut ids = node.peers();
+                ids.sort_unstable();
+                serde_json::to_vec(&PeersReply {
+                    node: hex(node.id()),
+                    listen: info.listen.clone(),
+                    links_established: node.links_established(),
+                    peers: ids
+                        .into_iter()
+                        .map(|p| PeerInfo {
+                            id: hex(p),
+                            links: node.link_count(p),
+                        })
+                        .collect(),
+                })
+            }
+            other => {
+                return Err(format!(
+                    "unknown admin request {:?}: ask names, peers, stats or services",
+                    String::from_utf8_lossy(other)
+                ))
+            }
+        })
+    }
+}
+
+/// Posts `what` to the admin service of `peer` (linked to `client`'s node) and
+/// returns its answer, the one frame of its one source.
+pub async fn ask_peer(client: &Client, peer: NodeId, what: &str) -> Result<Vec<u8>, String> {
+    let mut sources = client
+        .post_to(peer, ADMIN, what.to_owned(), &[])
+        .await
+        .map_err(|e| describe(&e))?;
+    let mut source = match sources.next().await {
+        Some(s) => s.map_err(|e| e.to_string())?,
+        None => return Err("the admin service answered nothing".to_owned()),
     };
-    json.map(Bytes::from).map_err(|e| e.to_string())
+    let mut json = Vec::new();
+    while let Some(frame) = source.next().await {
+        json.extend_from_slice(&frame.map_err(|e| e.to_string())?);
+    }
+    Ok(json)
+}
+
+/// [`ask_peer`] within `within`, its answer parsed.
+pub async fn ask_peer_json<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    peer: NodeId,
+    what: &str,
+    within: Duration,
+) -> Result<T, String> {
+    let json = tokio::time::timeout(within, ask_peer(client, peer, what))
+        .await
+        .map_err(|_| format!("no answer within {within:?}"))??;
+    serde_json::from_slice(&json).map_err(|e| format!("bad JSON: {e}"))
+}
+
+/// The peers `stats` asks for their services: those that bind [`ADMIN`].
+pub fn admin_peers(node: &Node) -> Vec<NodeId> {
+    let mut peers: Vec<NodeId> = node
+        .providers(ADMIN)
+        .into_iter()
+        .filter(|p| *p != node.id())
+        .collect();
+    peers.sort_unstable();
+    peers
 }

@@ -4,8 +4,10 @@
 //! [`STDERR_TAIL`] bytes of stderr are kept for the error message.
 //!
 //! The child belongs to the source's frame stream: when the client drops the source
-//! or the request, the library drops the stream, and `kill_on_drop` kills the child.
-//! Only the child itself: processes it started are its own business.
+//! or the request, the library drops the stream, and with it the [`Run`], which
+//! kills the child's process group: the command runs in a group of its own, so
+//! what it started (`sh -c 'a | b'`, a background job) goes with it. A command that
+//! ended is not killed: processes it left behind in the background live on.
 
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
@@ -57,6 +59,8 @@ impl Run {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group (its id is the child's pid), killed on drop.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot run {program}: {e}"))?;
@@ -101,6 +105,21 @@ impl Run {
         match failure(&self.program, status, &stderr) {
             None => Ok(None),
             Some(msg) => Err(msg),
+        }
+    }
+}
+
+impl Drop for Run {
+    /// Kills the process group while the child has not been reaped (so its pid, the
+    /// group's id, cannot have been reused): it runs, or ended unwaited-for.
+    fn drop(&mut self) {
+        let group = self.child.id().and_then(|pid| i32::try_from(pid).ok());
+        if let Some(pid) = group.and_then(rustix::process::Pid::from_raw) {
+            use rustix::process::{kill_process_group, Signal};
+            if let Err(e) = kill_process_group(pid, Signal::KILL) {
+                // ESRCH: every process of the group ended already.
+                tracing::debug!("killing the process group of {}: {e}", self.program);
+            }
         }
     }
 }

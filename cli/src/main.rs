@@ -17,7 +17,9 @@
 //! - `node`: `chanserv node`. `relay`: how a node forwards the services of the nodes
 //!   joined to it (the library routes a name over one link only).
 //! - `admin`: the reserved `chanserv.admin` service every CLI node answers, and its
-//!   replies. `query`: `chanserv names` / `chanserv peers`, its clients.
+//!   replies. `query`: `chanserv names` / `peers` / `stats`, its clients; `stats`:
+//!   the `stats` answer (links, services, blocked sources) and how it is printed.
+//! - `prom`: `--metrics ADDR`, the library's metrics in the Prometheus text format.
 //! - `serve`: `chanserv serve` (`--dir`, `--echo`); `exec`: `--exec`, one process per
 //!   request.
 //! - `post`: `chanserv post`; `output`: how its sources are printed or saved, and
@@ -38,9 +40,11 @@ mod node;
 mod output;
 mod post;
 mod progress;
+mod prom;
 mod query;
 mod relay;
 mod serve;
+mod stats;
 mod tls;
 mod units;
 
@@ -50,6 +54,7 @@ Examples (three terminals):
   chanserv serve files --dir ./public --join 127.0.0.1:7000
   chanserv post files --join 127.0.0.1:7000 --out ./got
   chanserv names --join 127.0.0.1:7000
+  chanserv stats --join 127.0.0.1:7000
 
 Exit status: 0 done; 1 usage, connection or lookup error; 2 the request failed;
 3 the request completed but a source failed (chanserv post).
@@ -77,9 +82,12 @@ enum Command {
     /// Post a request to a service and print or save its sources.
     Post(post::Args),
     /// List the services a node sees, with their providers.
-    Names(query::Args),
+    Names(query::NamesArgs),
     /// List the peers a node is linked to.
     Peers(query::Args),
+    /// Show a node's links and the counters of the services it knows, with the
+    /// sources a slow consumer holds back.
+    Stats(query::Args),
 }
 
 /// Why a subcommand failed: a one-line message and the exit status that says so.
@@ -156,6 +164,7 @@ async fn dispatch(cmd: Command) -> Result<u8, Fail> {
         Command::Post(a) => post::run(a).await,
         Command::Names(a) => query::names(a).await,
         Command::Peers(a) => query::peers(a).await,
+        Command::Stats(a) => stats::run(a).await,
     }
 }
 
@@ -181,7 +190,7 @@ fn clap_failure(e: clap::Error) -> ExitCode {
             ExitCode::SUCCESS
         }
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => report(Fail::usage(
-            "a subcommand is needed: node, serve, post, names or peers (see --help)",
+            "a subcommand is needed: node, serve, post, names, peers or stats (see --help)",
         )),
         _ => {
             // The message is the first paragraph (tips and usage follow a blank line).

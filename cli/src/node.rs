@@ -3,8 +3,9 @@
 //! and on SIGINT/SIGTERM shuts down within the grace period.
 //!
 //! Lines on stdout, one event each: `node <id>`, `identity <name>` (its TLS
-//! identity, with TLS only), `listen <addr>`, `joined <addr> <peer>`, `ready`, then `link up|down <peer>`, `relay add|remove <name>`, and at
-//! the end `shutdown <signal>` and `stopped`.
+//! identity, with TLS only), `listen <addr>`, `joined <addr> <peer>`, `metrics
+//! <addr>` (with `--metrics`), `ready`, then `link up|down <peer>`, `relay add|remove
+//! <name>`, and at the end `shutdown <signal>` and `stopped`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use crate::admin::{self, AdminInfo};
 use crate::config::NodeFile;
 use crate::mesh::{self, IdentArgs, JoinArgs, ListenArgs, Plan, Signals};
+use crate::prom::{self, MetricsArgs};
 use crate::relay::Relay;
 use crate::tls::TlsArgs;
 use crate::units::parse_duration;
@@ -25,6 +27,7 @@ Examples:
   chanserv node --listen 127.0.0.1:7000
   chanserv node --listen 0.0.0.0:7000 --name hub-1 --join 10.0.0.2:7000
   chanserv node --listen 127.0.0.1:0 --listen-unix /tmp/chanserv.sock --grace 2s
+  chanserv node --listen 127.0.0.1:7000 --metrics 127.0.0.1:9100   # GET /metrics
   chanserv node --listen 0.0.0.0:7000 --tls-cert hub-1.pem --tls-key hub-1.key --tls-ca ca.pem
   chanserv node --config node.toml     # keys: id name listen listen_unix join join_unix
                                        # keepalive keepalive_timeout connect_timeout grace relay
@@ -32,7 +35,8 @@ Examples:
 
 A flag overrides the config file; a list flag (--listen, --join, ...) replaces the file's list.
 Services of nodes joined to this one are relayed, so a client joined here can post to them
-(one relay hop at most). Admin requests `names` and `peers` go to the name chanserv.admin.";
+(one relay hop at most). Admin requests `names`, `peers` and `stats` go to the name
+chanserv.admin (chanserv names / peers / stats ask them).";
 
 /// `chanserv node` flags.
 #[derive(clap::Args, Debug)]
@@ -49,6 +53,8 @@ pub struct Args {
     ident: IdentArgs,
     #[command(flatten)]
     tls: TlsArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
     /// On SIGINT/SIGTERM, how long requests in flight may take to finish [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     grace: Option<Duration>,
@@ -78,12 +84,16 @@ pub async fn run(args: Args) -> Result<u8, Fail> {
         ..AdminInfo::default()
     };
     let relayed = info.relayed.clone();
+    let metrics = prom::start(&args.metrics, &mesh.node, &info).await?;
     let admin = admin::serve(&mesh.node, info)?;
     let relay = match relay.unwrap_or(true) {
         true => Some(Relay::start(mesh.node.clone(), relayed)?),
         false => None,
     };
     mesh.print_identity();
+    if let Some(m) = &metrics {
+        println!("metrics {}", m.addr);
+    }
     println!("ready");
     let sig = mesh::until_signal(&mut mesh, &mut signals).await;
     println!("shutdown {sig}");

@@ -1,14 +1,14 @@
-//! `chanserv names` and `chanserv peers`: join one node and ask its admin service
-//! (see `admin`) what it sees. Output: text lines, or the node's JSON (`--json`).
+//! `chanserv names`, `chanserv peers` and `chanserv stats` (its printing in `stats`):
+//! join one node and ask its admin service (see `admin`) what it sees. Output: text
+//! lines, or the node's JSON (`--json`).
 
 use std::time::Duration;
 
 use chanserv::{Client, NodeId};
-use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
-use crate::admin::{is_reserved, NamesReply, PeersReply, ADMIN};
-use crate::mesh::{describe, JoinArgs, Plan};
+use crate::admin::{ask_peer, is_reserved, NamesReply, PeersReply, ADMIN};
+use crate::mesh::{JoinArgs, Plan};
 use crate::tls::TlsArgs;
 use crate::units::parse_duration;
 use crate::Fail;
@@ -18,11 +18,12 @@ Examples:
   chanserv names --join 127.0.0.1:7000          # NAME PROVIDER...
   chanserv names --join 127.0.0.1:7000 --all    # with the reserved chanserv.* names
   chanserv peers --join-unix /tmp/chanserv.sock --json
+  chanserv stats --join 127.0.0.1:7000          # links, services, blocked sources
 
 The node must be one the CLI runs (chanserv node or chanserv serve): they answer the
 admin service chanserv.admin.";
 
-/// `chanserv names` / `chanserv peers` flags.
+/// `chanserv peers` / `chanserv stats` flags.
 #[derive(clap::Args, Debug)]
 #[command(after_help = EXAMPLES)]
 pub struct Args {
@@ -32,19 +33,26 @@ pub struct Args {
     tls: TlsArgs,
     /// Print the node's answer as JSON.
     #[arg(long)]
-    json: bool,
-    /// Also list the names the CLI reserves (chanserv.*).
-    #[arg(long)]
-    all: bool,
+    pub json: bool,
     /// Longest wait for the node's admin service.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
 }
 
+/// `chanserv names` flags.
+#[derive(clap::Args, Debug)]
+pub struct NamesArgs {
+    #[command(flatten)]
+    common: Args,
+    /// Also list the names the CLI reserves (chanserv.*).
+    #[arg(long)]
+    all: bool,
+}
+
 /// `chanserv names`: `node <id>`, then `NAME PROVIDER...` per service.
-pub async fn names(args: Args) -> Result<u8, Fail> {
-    let (json, reply) = ask::<NamesReply>(&args, "names").await?;
-    if args.json {
+pub async fn names(args: NamesArgs) -> Result<u8, Fail> {
+    let (json, reply) = ask::<NamesReply>(&args.common, "names").await?;
+    if args.common.json {
         println!("{json}");
         return Ok(0);
     }
@@ -75,7 +83,7 @@ pub async fn peers(args: Args) -> Result<u8, Fail> {
 }
 
 /// Joins the one node of `args` and posts `what` to its admin service.
-async fn ask<T: DeserializeOwned>(args: &Args, what: &str) -> Result<(String, T), Fail> {
+pub async fn ask<T: DeserializeOwned>(args: &Args, what: &str) -> Result<(String, T), Fail> {
     if args.join.join.len() + args.join.join_unix.len() != 1 {
         return Err(Fail::usage(
             "give the node to ask: exactly one --join or --join-unix",
@@ -109,22 +117,7 @@ async fn post_admin(
         .await
         .map_err(|_| format!("no {ADMIN} service within {within:?}: is it a chanserv node?"))?;
     let client = Client::new(node.clone()).map_err(|e| e.to_string())?;
-    let work = async {
-        let mut sources = client
-            .post_to(peer, ADMIN, what.to_owned(), &[])
-            .await
-            .map_err(|e| describe(&e))?;
-        let mut source = match sources.next().await {
-            Some(s) => s.map_err(|e| e.to_string())?,
-            None => return Err("the admin service answered nothing".to_owned()),
-        };
-        let mut json = Vec::new();
-        while let Some(frame) = source.next().await {
-            json.extend_from_slice(&frame.map_err(|e| e.to_string())?);
-        }
-        Ok(json)
-    };
-    tokio::time::timeout(within, work)
+    tokio::time::timeout(within, ask_peer(&client, peer, what))
         .await
         .map_err(|_| format!("no answer within {within:?}"))?
 }

@@ -13,46 +13,56 @@
 //! crosses at most one relay, and a service must be joined to the same hub as its
 //! clients (or be joined by them directly).
 //!
-//! The library tells link changes ([`Node::subscribe`]) but not name changes, so the
-//! relay also looks at [`Node::services`] every [`RESCAN`].
+//! When: the relay subscribes to the node's link events ([`Node::subscribe`]) and
+//! looks at [`Node::services`] again on each `Names` event of a peer (a peer's last
+//! `Names` comes before its `Down`), and after missed events.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use chanserv::{BoxError, Client, Error, Multiplexer, Node, NodeId, Request, ServeHandle, Server};
+use chanserv::{
+    BoxError, Client, Error, LinkEvent, Multiplexer, Node, NodeId, Request, ServeHandle, Server,
+};
 use futures::StreamExt;
 use tokio::sync::oneshot;
 
-use crate::admin::{is_reserved, RELAY_MARK};
+use crate::admin::{is_reserved, Served, RELAY_MARK};
 use crate::mesh::describe;
 use crate::Fail;
-
-/// How often the relay looks for names that came or went.
-const RESCAN: Duration = Duration::from_millis(200);
 
 /// A running relay; [`stop`](Relay::stop) ends it gracefully. Dropping it stops the
 /// relaying at once (requests in flight are cancelled).
 pub struct Relay {
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<BTreeMap<String, ServeHandle>>,
+    task: tokio::task::JoinHandle<()>,
+    served: Served,
     _mark: chanserv::NodeListener,
 }
 
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // Empty after `stop`: it took the handles for a graceful shutdown.
+        drop(self.served.take());
+    }
+}
+
 impl Relay {
-    /// Starts relaying on `node`; `relayed` is kept up to date for the admin service.
-    pub fn start(node: Node, relayed: Arc<Mutex<BTreeSet<String>>>) -> Result<Relay, Fail> {
+    /// Starts relaying on `node`; the relayed services go into `served` (shared with
+    /// the admin service and the metrics).
+    pub fn start(node: Node, served: Served) -> Result<Relay, Fail> {
         let mark = node
             .bind(RELAY_MARK)
             .map_err(|e| Fail::usage(format!("cannot bind {RELAY_MARK}: {e}")))?;
         let client = Client::new(node.clone())
             .map_err(|e| Fail::usage(format!("cannot start the relay: {e}")))?;
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(run(node, client, relayed, stopped));
+        let task = tokio::spawn(run(node, client, served.clone(), stopped));
         Ok(Relay {
             stop: Some(stop),
             task,
+            served,
             _mark: mark,
         })
     }
@@ -64,28 +74,30 @@ impl Relay {
                 tracing::debug!("the relay had stopped already");
             }
         }
-        let Ok(served) = (&mut self.task).await else {
-            return;
-        };
-        futures::future::join_all(served.into_values().map(|h| h.shutdown(grace))).await;
+        if (&mut self.task).await.is_err() {
+            tracing::debug!("the relay's task failed");
+        }
+        let handles = self.served.take();
+        futures::future::join_all(handles.into_iter().map(|h| h.shutdown(grace))).await;
     }
 }
 
-async fn run(
-    node: Node,
-    client: Client,
-    relayed: Arc<Mutex<BTreeSet<String>>>,
-    mut stop: oneshot::Receiver<()>,
-) -> BTreeMap<String, ServeHandle> {
-    let mut served: BTreeMap<String, ServeHandle> = BTreeMap::new();
+async fn run(node: Node, client: Client, served: Served, mut stop: oneshot::Receiver<()>) {
+    // Subscribed before the first look, so no change after it goes unseen.
     let mut events = node.subscribe();
+    sync(&node, &client, &served);
     loop {
-        sync(&node, &client, &mut served);
-        *relayed.lock().unwrap() = served.keys().cloned().collect();
-        tokio::select! {
-            _ = &mut stop => return served,
-            _ = tokio::time::sleep(RESCAN) => {}
-            _ = events.next() => {}
+        let event = tokio::select! {
+            _ = &mut stop => return,
+            e = events.next() => e,
+        };
+        match event {
+            // This node's own names (the relay's binds among them) change nothing.
+            Some(LinkEvent::Names { node: n, .. }) if n == node.id() => {}
+            Some(LinkEvent::Names { .. } | LinkEvent::Missed(_)) => sync(&node, &client, &served),
+            Some(_) => {}
+            // The node is gone.
+            None => return,
         }
     }
 }
@@ -100,21 +112,17 @@ fn origins(node: &Node, name: &str) -> Vec<NodeId> {
 }
 
 /// Binds the names that have origin providers, unbinds those that lost theirs.
-fn sync(node: &Node, client: &Client, served: &mut BTreeMap<String, ServeHandle>) {
+fn sync(node: &Node, client: &Client, served: &Served) {
     let wanted: BTreeSet<String> = node
         .services()
         .into_keys()
         .filter(|name| !is_reserved(name) && !origins(node, name).is_empty())
         .collect();
-    served.retain(|name, _| {
-        let keep = wanted.contains(name);
-        if !keep {
-            println!("relay remove {name}");
-        }
-        keep
-    });
+    for name in served.retain(|name| wanted.contains(name)) {
+        println!("relay remove {name}");
+    }
     for name in wanted {
-        if served.contains_key(&name) {
+        if served.contains(&name) {
             continue;
         }
         match relay_one(node, client, &name) {

@@ -4,8 +4,8 @@
 //! `exec`), or the request body (`--echo`). It answers the admin service too.
 //!
 //! Lines on stdout: `node <id>`, `identity <name>` (with TLS), `listen <addr>`,
-//! `joined <addr> <peer>`, `serving <name>`, `ready`, link events, `shutdown
-//! <signal>`, `stopped`.
+//! `joined <addr> <peer>`, `serving <name>`, `metrics <addr>` (with `--metrics`),
+//! `ready`, link events, `shutdown <signal>`, `stopped`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::admin::{self, is_reserved, AdminInfo};
 use crate::mesh::{self, describe, IdentArgs, JoinArgs, ListenArgs, Plan, Signals};
+use crate::prom::{self, MetricsArgs};
 use crate::tls::TlsArgs;
 use crate::units::{parse_duration, parse_size};
 use crate::Fail;
@@ -31,14 +32,15 @@ Examples:
   chanserv serve files --dir ./public --chunk 1MiB --listen 127.0.0.1:7001
   chanserv serve upper --join 127.0.0.1:7000 --exec tr a-z A-Z
   chanserv serve sh --join 127.0.0.1:7000 --exec sh -c 'wc -c; date'
-  chanserv serve ping --join 127.0.0.1:7000 --echo
+  chanserv serve ping --join 127.0.0.1:7000 --echo --metrics 127.0.0.1:9101
 
 --dir: each regular file of PATH (not its subdirectories) is a source, its file name the
 header, its contents the frames, --chunk bytes each; the request body is ignored.
 --exec: each request runs CMD with the body on stdin; its stdout is the frames of one source
 (header `stdout`), a frame per read. A non-zero exit or a signal fails that source with the
 last 1 KiB of stderr; a command that cannot start fails the request. A client that drops the
-request kills the command. --exec takes the rest of the line: put it last.
+request kills the command and every process it started (its process group). --exec takes
+the rest of the line: put it last.
 --echo: one source (header `echo`) whose one frame is the body.";
 
 /// `chanserv serve` flags.
@@ -69,6 +71,8 @@ pub struct Args {
     ident: IdentArgs,
     #[command(flatten)]
     tls: TlsArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
     /// On SIGINT/SIGTERM, how long requests in flight may take to finish.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     grace: Duration,
@@ -122,15 +126,23 @@ pub async fn run(args: Args) -> Result<u8, Fail> {
         listen: mesh.listening.clone(),
         ..AdminInfo::default()
     };
+    let served = info.served.clone();
+    served.insert(name.to_owned(), service);
+    let metrics = prom::start(&args.metrics, &mesh.node, &info).await?;
     let admin = admin::serve(&mesh.node, info)?;
     mesh.print_identity();
     println!("serving {name}");
+    if let Some(m) = &metrics {
+        println!("metrics {}", m.addr);
+    }
     println!("ready");
     let sig = mesh::until_signal(&mut mesh, &mut signals).await;
     println!("shutdown {sig}");
     let deadline = tokio::time::Instant::now() + args.grace;
     let stop = async {
-        tokio::join!(service.shutdown(args.grace), admin.shutdown(args.grace));
+        let service =
+            futures::future::join_all(served.take().into_iter().map(|h| h.shutdown(args.grace)));
+        tokio::join!(service, admin.shutdown(args.grace));
         mesh.shutdown(crate::node::left(deadline)).await;
     };
     mesh::stop_or_second_signal(&mut signals, stop).await;

@@ -33,20 +33,9 @@ fn files() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn serve_files(addr: &str) -> (TempDir, Proc) {
-    let dir = TempDir::new("pub");
-    for (name, data) in files() {
-        std::fs::write(dir.path().join(name), data).unwrap();
-    }
+    let (dir, p) = support::serve_files(addr, &files(), &[]);
+    // Listed per request: not served.
     std::fs::create_dir(dir.path().join("subdir-not-served")).unwrap();
-    let p = serve(&[
-        "files",
-        "--dir",
-        dir.str(),
-        "--chunk",
-        "4KiB",
-        "--join",
-        addr,
-    ]);
     (dir, p)
 }
 
@@ -230,18 +219,30 @@ fn gone(pid: &str) -> bool {
     }
 }
 
-#[test]
-fn a_client_that_leaves_kills_the_command() {
+/// Serves `script` (which prints a pid, then waits), posts to it, and checks that
+/// the process with that pid is killed when the client leaves.
+fn leaving_kills(script: &str) {
     let (_node, addr) = node(&[]);
-    let script = "echo $$; exec sleep 300";
     let _svc = serve(&["slow", "--join", &addr, "--exec", "sh", "-c", script]);
     let mut post = Proc::spawn(&["post", "slow", "--join", &addr, "-q"]);
     post.wait_line("source 0");
     let pid = post.wait_line("");
     assert!(pid.parse::<u32>().is_ok(), "{pid}");
-    assert!(!gone(&pid), "the command runs while the client waits");
+    assert!(!gone(&pid), "{pid} runs while the client waits");
+    // The client leaves: its request is cancelled, the command's group killed.
     post.signal("KILL");
-    eventually("the command is killed", || gone(&pid));
+    eventually("the process is killed", || gone(&pid));
+}
+
+#[test]
+fn a_client_that_leaves_kills_the_command() {
+    leaving_kills("echo $$; exec sleep 300");
+}
+
+#[test]
+fn a_client_that_leaves_kills_what_the_command_started_too() {
+    // The shell starts a grandchild, says its pid, and waits for it.
+    leaving_kills("sleep 300 & echo $!; wait");
 }
 
 #[test]

@@ -160,6 +160,27 @@ pub fn serve(args: &[&str]) -> Proc {
     p
 }
 
+/// `chanserv serve files --dir <a new directory holding files> --chunk 4KiB --join
+/// <addr> <extra>`, ready; the directory lives as long as the returned guard.
+pub fn serve_files(addr: &str, files: &[(&str, Vec<u8>)], extra: &[&str]) -> (TempDir, Proc) {
+    let dir = TempDir::new("pub");
+    for (name, data) in files {
+        std::fs::write(dir.path().join(name), data).unwrap();
+    }
+    let mut args = vec![
+        "files",
+        "--dir",
+        dir.str(),
+        "--chunk",
+        "4KiB",
+        "--join",
+        addr,
+    ];
+    args.extend_from_slice(extra);
+    let p = serve(&args);
+    (dir, p)
+}
+
 /// What a finished `chanserv` run gave.
 #[derive(Debug)]
 pub struct Output {
