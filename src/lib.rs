@@ -60,7 +60,7 @@
 //!   (the per-link send budget), `lifeline` (how a dead link fails every stream on
 //!   it), `tls` ([`TlsConfig`]: mutual TLS 1.3 under a link, peer identities),
 //!   `authz` (which names an authenticated peer may announce, one identity per node
-//!   id).
+//!   id), `stats` ([`NodeStats`]: the links, their RTT, bytes and streams).
 //! - `server/` — [`Server`]: `config`, `request` (reads a request, runs your source
 //!   function, announces the sources), `pump` (one source's child stream, batched,
 //!   watched for the client leaving), `stats` ([`ServiceStats`]: counters and the
