@@ -128,8 +128,7 @@ impl FrameCodec {
         {
             return Ok(());
         }
-        dst.reserve(HEADER_LEN + payload.len());
-        dst.put_u32_le(payload.len() as u32);
+        super::put_frame_header(dst, payload.len(), self.limit)?;
         dst.put_slice(payload);
         Ok(())
     }
@@ -137,8 +136,18 @@ impl FrameCodec {
     /// Like [`encode`](Self::encode), but a large plain payload is not copied: its header
     /// goes into `dst` and the payload comes back, to be written right after `dst`.
     pub fn encode_split(&self, payload: Bytes, dst: &mut BytesMut) -> Result<Option<Bytes>> {
-        if payload.len() < SPLIT_PAYLOAD_SIZE || self.compress {
+        if self.compress {
             self.encode(&payload, dst)?;
+            return Ok(None);
+        }
+        self.encode_plain(payload, dst)
+    }
+
+    /// [`encode_split`](Self::encode_split) as a plain frame, whatever the setting.
+    pub(crate) fn encode_plain(&self, payload: Bytes, dst: &mut BytesMut) -> Result<Option<Bytes>> {
+        if payload.len() < SPLIT_PAYLOAD_SIZE {
+            super::put_frame_header(dst, payload.len(), self.limit)?;
+            dst.put_slice(&payload);
             return Ok(None);
         }
         self.check_len(payload.len())?;
@@ -162,7 +171,7 @@ impl FrameCodec {
         dst.put_slice(&reason.as_bytes()[..end]);
     }
 
-    fn check_len(&self, len: usize) -> Result<()> {
+    pub(super) fn check_len(&self, len: usize) -> Result<()> {
         if len > self.limit {
             return Err(Error::FrameTooLarge {
                 size: len,
@@ -173,7 +182,7 @@ impl FrameCodec {
     }
 
     /// Compresses into `dst`; false (and `dst` unchanged) when it would not be smaller.
-    fn try_compress(&self, payload: &[u8], dst: &mut BytesMut) -> bool {
+    pub(super) fn try_compress(&self, payload: &[u8], dst: &mut BytesMut) -> bool {
         let start = dst.len();
         let bound = lz4_flex::block::get_maximum_output_size(payload.len());
         dst.resize(start + 2 * HEADER_LEN + bound, 0);
@@ -420,15 +429,7 @@ mod tests {
         assert!(buf.len() < 1024, "compressible frame was not compressed");
         assert_ne!(buf[3] & 0x80, 0);
         // Incompressible data is sent plain, so it costs exactly the 4-byte header.
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let noise: Vec<u8> = (0..64 * 1024)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect();
+        let noise = super::super::adaptive::noise(64 * 1024, 0x9E37_79B9_7F4A_7C15);
         let buf = encode_all(&codec, std::slice::from_ref(&noise));
         assert_eq!(buf.len(), noise.len() + 4);
         assert_eq!(buf[3] & 0x80, 0);

@@ -6,6 +6,8 @@
 //!
 //! - [`frame`] — "Frames": the length prefix, the LZ4 flag, the END and ABORT words,
 //!   the limits. Public as `chanserv::frame`.
+//! - `adaptive` — when a sender compresses: LZ4 per frame only while it pays, per
+//!   source; the server's pump encodes with it.
 //! - `link` — "Links", "Stream open" and "Control stream": the handshake, a stream's
 //!   open header and the acceptor's status byte, the control messages.
 //! - `chanserv` — "chanserv": the request, the server's messages on the master stream,
@@ -18,6 +20,7 @@
 //! and never allocate more than the input. Reading and writing, buffering and timeouts
 //! belong to the callers (`mux/`, `server/`, `client`, `source`).
 
+pub(crate) mod adaptive;
 pub(crate) mod chanserv;
 pub mod frame;
 #[cfg(fuzzing)]

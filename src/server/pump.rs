@@ -26,6 +26,7 @@ use super::{panic_message, with_timeout, Caught, Ctx, WRITE_BATCH};
 use crate::error::{Error, Result, Timeout};
 use crate::frame::FrameCodec;
 use crate::mux::{from_io, Addr, DialOptions, Multiplexer};
+use crate::proto::adaptive::AdaptiveEncoder;
 use crate::proto::chanserv::ChildPrefix;
 use crate::source::Source;
 
@@ -83,6 +84,7 @@ impl<M: Multiplexer> Pump<M> {
         let client = self.reply.parse().map_err(Stop::Gone)?;
         let mut child = Child {
             s,
+            enc: AdaptiveEncoder::new(self.ctx.codec()),
             wbuf: BytesMut::with_capacity(WRITE_BATCH + 1024),
             timeout: self.ctx.cfg.frame_write_timeout,
             stats: self.ctx.stats.clone(),
@@ -95,8 +97,7 @@ impl<M: Multiplexer> Pump<M> {
             source: self.id,
         };
         prefix.encode(&mut child.wbuf);
-        let codec = self.ctx.codec();
-        let outcome = match self.frames(&codec, &mut child).await {
+        let outcome = match self.frames(&mut child).await {
             Ok(()) => {
                 FrameCodec::encode_end(&mut child.wbuf);
                 Ok(())
@@ -119,13 +120,9 @@ impl<M: Multiplexer> Pump<M> {
     }
 
     /// Writes frames until the source ends (`Ok`) or fails, or the stream fails.
-    async fn frames(
-        &mut self,
-        codec: &FrameCodec,
-        child: &mut Child<M::Stream>,
-    ) -> Result<(), Stop> {
+    async fn frames(&mut self, child: &mut Child<M::Stream>) -> Result<(), Stop> {
         while let Some(f) = self.ready.pop_front() {
-            if let Some(big) = child.stage(codec, f)? {
+            if let Some(big) = child.stage(f)? {
                 child.write_batch(big).await?;
             }
         }
@@ -146,7 +143,7 @@ impl<M: Multiplexer> Pump<M> {
             match item.map_err(Stop::Failed)? {
                 // Most frames only join the batch: no write future is built for them.
                 Some(f) => {
-                    if let Some(big) = child.stage(codec, f)? {
+                    if let Some(big) = child.stage(f)? {
                         child.write_batch(big).await?;
                     }
                 }
@@ -172,6 +169,8 @@ async fn next_frame(source: &mut Source) -> Result<Option<Bytes>> {
 /// A child stream and its write batch.
 struct Child<S> {
     s: S,
+    /// The source's encoder: it learns whether the source's frames compress.
+    enc: AdaptiveEncoder,
     wbuf: BytesMut,
     timeout: Option<std::time::Duration>,
     stats: Arc<Counters>,
@@ -188,11 +187,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Child<S> {
     ///
     /// Synchronous on purpose: an `async` step per frame would build (and move into
     /// the pump's state) a whole write future for every frame, not every batch.
-    fn stage(&mut self, codec: &FrameCodec, f: Bytes) -> Result<Option<Option<Bytes>>, Stop> {
+    fn stage(&mut self, f: Bytes) -> Result<Option<Option<Bytes>>, Stop> {
         let len = f.len() as u64;
         // A frame the codec refuses (over the limit) fails the source: the client is
         // told why instead of waiting for frames that never come.
-        let big = codec
+        let big = self
+            .enc
             .encode_split(f, &mut self.wbuf)
             .map_err(Stop::Failed)?;
         self.unsent.0 += 1;
