@@ -1,4 +1,5 @@
-//! Tracing: one request can be followed across hosts by (reply address, request id).
+//! Tracing: one request can be followed across hosts by (reply address, request id);
+//! a link's lines say which peer and address they are about.
 
 use std::time::Duration;
 
@@ -74,5 +75,12 @@ async fn one_request_can_be_followed_across_hosts_by_its_id() {
             && l.contains(&server)
             && l.contains("request read")),
         "no server line with {server} in:\n{text}"
+    );
+    // A link's own lines (here: the names its peer announced) carry the link's span:
+    // which peer, at which address.
+    assert!(
+        text.lines()
+            .any(|l| l.contains("link{peer=") && l.contains("addr=") && l.contains("peer names")),
+        "no line in a link span in:\n{text}"
     );
 }

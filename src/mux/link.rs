@@ -74,6 +74,12 @@ pub(crate) struct Link {
 }
 
 impl Link {
+    /// The span of this link's tasks (its driver and control loop): the peer's id, the
+    /// address and this node's number for the link, on every line they log.
+    fn span(&self) -> tracing::Span {
+        tracing::debug_span!("link", peer = %hex(self.peer), addr = %self.addr, link = self.id)
+    }
+
     pub(super) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
@@ -238,11 +244,16 @@ impl Inner {
         let closed = CancellationToken::new();
         let inner = self.clone();
         let (link2, closed2) = (link.clone(), closed.clone());
-        self.spawn_for(link.owner.as_ref(), async move {
+        let span = link.span();
+        let control = async move {
             let retired = inner.clone().control(&link2, ctl_rx, ctl_in_rx).await;
             inner.close_link(&link2, driver, retired).await;
             closed2.cancel();
-        });
+        };
+        self.spawn_for(
+            link.owner.as_ref(),
+            tracing::Instrument::instrument(control, span),
+        );
         Ok(Established { link, closed })
     }
 
@@ -320,6 +331,7 @@ impl Inner {
         T: FAsyncRead + FAsyncWrite + Unpin + Send + 'static,
     {
         let inner = self.clone();
+        let span = link.span();
         let link = link.clone();
         let close_timeout = self.cfg.close_timeout;
         let mut ctl_in = Some(ctl_in);
@@ -346,7 +358,10 @@ impl Inner {
                 Err(_) => tracing::debug!(peer = %hex(link.peer), "link close timed out"),
             }
         };
-        tokio::spawn(self.tasks.track_future(task))
+        tokio::spawn(
+            self.tasks
+                .track_future(tracing::Instrument::instrument(task, span)),
+        )
     }
 
     /// An inbound yamux stream: read its open header off the driver task, then hand it
