@@ -12,7 +12,7 @@ use super::{Routes, Slot};
 use crate::error::{Error, ErrorFn, Timeout};
 use crate::mux::{from_io, Listener};
 use crate::proto::chanserv::ChildPrefix;
-use crate::source::BoxRead;
+use crate::source::BoxIo;
 
 /// The client's one accept loop: reads each child stream's (request, source) prefix
 /// and hands the stream to its `Source`, or drops it (reset) when nobody waits for it.
@@ -45,7 +45,7 @@ pub(super) async fn accept_children<L: Listener>(
             Some(r) = prefixes.next(), if !prefixes.is_empty() => match r {
                 Ok((p, s)) => {
                     let key = (p.request, p.source);
-                    let s: BoxRead = Box::new(s);
+                    let s: BoxIo = Box::new(s);
                     let mut r = routes.lock().unwrap();
                     if !r.live.contains(&key.0) {
                         continue; // dropped: the request is gone, reset the stream

@@ -19,7 +19,7 @@ use crate::error::{Error, Result, Timeout};
 use crate::frame::FrameCodec;
 use crate::mux::{from_io, DialOptions, Listener, Multiplexer, NodeId};
 use crate::proto::chanserv::RequestMsg;
-use crate::source::{BoxRead, RequestTag};
+use crate::source::{BoxIo, RequestTag};
 use accept::accept_children;
 
 mod accept;
@@ -80,8 +80,8 @@ struct Routes {
 }
 
 enum Slot {
-    Waiting(oneshot::Sender<BoxRead>),
-    Arrived(BoxRead),
+    Waiting(oneshot::Sender<BoxIo>),
+    Arrived(BoxIo),
 }
 
 /// Removes a request's routes when the last of its `Sources`/pending `Source`s is gone,

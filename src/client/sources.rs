@@ -10,7 +10,6 @@ use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
 use futures::stream::{FusedStream, Stream, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
 use super::stats::{RequestStats, RequestTally};
@@ -27,8 +26,7 @@ use crate::tally::Tally;
 /// Finished masters kept for the next request at most; beyond, they close at once.
 const MAX_FINISHED: usize = 16;
 
-pub(super) trait MasterIo: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> MasterIo for T {}
+pub(super) use crate::source::Io as MasterIo;
 
 /// The sources of one request, in the order the server announced them: a
 /// `Stream<Item = Result<Source, Error>>` ending with `None` once the server said it

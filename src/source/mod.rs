@@ -15,7 +15,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use futures::stream::{FusedStream, Stream, StreamExt};
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use crate::error::{BoxError, Error, Result};
@@ -73,7 +73,12 @@ impl Request {
 }
 
 type BoxFrames = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
-pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+/// A child stream as the client holds it: it reads frames and writes credit.
+pub(crate) type BoxIo = Box<dyn Io>;
+
+/// A byte stream both ways: master and child streams, boxed.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// A header and a stream of frames. The same type on both sides: a client can answer
 /// its own requests with sources it received.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
-use super::BoxRead;
+use super::BoxIo;
 use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, Item};
 use crate::mux::poll_read_frames;
@@ -21,8 +21,8 @@ use crate::tally::{SourceEnd, Tally};
 /// of once its end was read (so its slot on the link frees while the consumer still
 /// takes the frames decoded ahead).
 pub(crate) enum ChildStream {
-    Waiting(oneshot::Receiver<BoxRead>),
-    Reading(BoxRead),
+    Waiting(oneshot::Receiver<BoxIo>),
+    Reading(BoxIo),
     Done,
 }
 
