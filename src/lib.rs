@@ -89,9 +89,13 @@
 //!   by a dead link, a timeout, a reset or a server-side failure yields `Some(Err)`
 //!   first. The wire carries an explicit end marker, so this holds on any multiplexer.
 //! - **Order and exactly-once** within a source.
-//! - **Backpressure end to end.** A consumer that stops reading a source stops its
-//!   producer once [`ClientConfig::frame_buffer_size`] frames and the multiplexer
-//!   window are full; other sources keep flowing.
+//! - **Backpressure end to end, in bytes.** A consumer that stops reading a source
+//!   stops its producer once the source's credit is used: 16 KiB to start, grown only
+//!   while the consumer waits on the link, within [`ClientConfig::receive_budget`]
+//!   (the bound is in [`ClientConfig`]'s "Memory"); other sources keep flowing.
+//! - **Delivery confirmation.** [`SourceSender::flush`] resolves once the consumer
+//!   took every frame sent before it; [`Source::with_outcome`] and
+//!   [`SourceSender::finish`] report the source's [`Outcome`].
 //! - **Cancellation.** Dropping a [`Source`] or [`Sources`] resets its stream(s); the
 //!   server drops the producer.
 //! - **Bad input** is an [`Error`], never a panic or an allocation a peer can inflate.
@@ -166,4 +170,6 @@ pub use mux::{
 pub use server::{
     BlockedSource, MaxErrorMassFn, ServeHandle, Server, ServerConfig, ServiceStats, SourceItem,
 };
-pub use source::{Meta, Request, RequestTag, Source, SourceSender, TrySendError};
+pub use source::{
+    Meta, Outcome, OutcomeFuture, Request, RequestTag, Source, SourceSender, TrySendError,
+};
