@@ -208,6 +208,10 @@ async fn pipe(
             if tx.send((read_at, buf.split().freeze(), permit)).is_err() {
                 return Ok(()); // the writer failed and reports it
             }
+            // The send woke the writer into this worker's LIFO slot, which no other
+            // worker may steal: without a yield it would wait for this loop to use up
+            // its cooperative budget (128 reads, megabytes), and go out late.
+            tokio::task::yield_now().await;
         }
     });
     let mut t = Tally::default();
