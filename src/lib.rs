@@ -60,7 +60,9 @@
 //!   (the per-link send budget), `lifeline` (how a dead link fails every stream on
 //!   it), `tls` ([`TlsConfig`]: mutual TLS 1.3 under a link, peer identities),
 //!   `authz` (which names an authenticated peer may announce, one identity per node
-//!   id), `stats` ([`NodeStats`]: the links, their RTT, bytes and streams).
+//!   id), `stats` ([`NodeStats`]: the links, their RTT, bytes and streams), `stdio`
+//!   ([`ChildNode`]: a link to a child process over its stdin and stdout, and
+//!   [`Node::serve_stdio`], a node served on its own).
 //! - `server/` — [`Server`]: `config`, `request` (reads a request, runs your source
 //!   function, announces the sources), `pump` (one source's child stream, batched,
 //!   watched for the client leaving), `stats` ([`ServiceStats`]: counters and the
@@ -163,8 +165,8 @@ pub use bytes::Bytes;
 pub use client::{Client, ClientConfig, ClientStats, RequestStats, Scatter, Sources};
 pub use error::{BoxError, Error, ErrorFn, Result, Timeout};
 pub use mux::{
-    Addr, DialOptions, Joined, LinkEvent, LinkEvents, LinkState, LinkStats, Listener, Multiplexer,
-    MuxStream, Node, NodeConfig, NodeId, NodeListener, NodeStats, PeerInfo, TlsConfig,
+    Addr, ChildNode, DialOptions, Joined, LinkEvent, LinkEvents, LinkState, LinkStats, Listener,
+    Multiplexer, MuxStream, Node, NodeConfig, NodeId, NodeListener, NodeStats, PeerInfo, TlsConfig,
     PROTOCOL_VERSION,
 };
 pub use server::{
