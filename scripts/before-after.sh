@@ -15,7 +15,7 @@ for r in $(seq 1 "$rounds"); do
   for side in before after; do
     bench=$B; [ $side = after ] && bench=$A
     {
-      $bench flood; $bench heavy; $bench connect; $bench connect --rt single
+      $bench flood; $bench flood --rt split; $bench heavy; $bench connect; $bench connect --rt single
       $bench heavy --lz4; $bench heavy --lz4 --random
       $bench flood --sources 100000 --frames 50 | sed 's/workload=flood /workload=flood-100k /'
     } | sed "s/^/side=$side /" | tee -a "$out/all.txt"

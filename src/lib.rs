@@ -92,7 +92,7 @@
 //!   first. The wire carries an explicit end marker, so this holds on any multiplexer.
 //! - **Order and exactly-once** within a source.
 //! - **Backpressure end to end, in bytes.** A consumer that stops reading a source
-//!   stops its producer once the source's credit is used: 16 KiB to start, grown only
+//!   stops its producer once the source's credit is used: 64 KiB to start, grown only
 //!   while the consumer waits on the link, within [`ClientConfig::receive_budget`]
 //!   (the bound is in [`ClientConfig`]'s "Memory"); other sources keep flowing.
 //! - **Delivery confirmation.** [`SourceSender::flush`] resolves once the consumer

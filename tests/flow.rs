@@ -61,7 +61,7 @@ async fn credit_holds_a_producer_back_while_its_consumer_does_not_read() {
         let first = source.next().await.unwrap().unwrap();
         assert_eq!(first.len(), 64 << 10);
         until_blocked(&svc, 1).await;
-        // Taken: the one read, one in flight alone (larger than the 16 KiB window),
+        // Taken: the one read, one in flight alone (larger than the 64 KiB window),
         // one held by the pump while it waits for credit, one at most being made.
         let taken = made.load(Ordering::SeqCst);
         assert!(taken <= 4, "the producer ran {taken} frames ahead");
@@ -198,7 +198,7 @@ async fn finish_reports_delivery_of_a_channel_source() {
 #[tokio::test]
 async fn frames_far_larger_than_the_window_arrive_intact_and_in_order() {
     timeout(T, async {
-        // 64 frames of 1 MiB: with the 16 KiB window alone each frame would wait
+        // 64 frames of 1 MiB: with the 64 KiB window alone each frame would wait
         // for the one before it; the window grows and all arrive intact.
         let (_svc, client) = serve(|_| {
             let frames = (0..64u8).map(|i| Bytes::from(vec![i; 1 << 20]));

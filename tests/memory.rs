@@ -1,6 +1,6 @@
 //! The client's memory is bounded in bytes (`ClientConfig`, "Memory"): 1,000 sources
 //! of 64 KiB frames whose consumer stops after one frame each keep the process's
-//! resident memory under `S × max(16 KiB, F + 4) + receive_budget`, plus 64 KiB per
+//! resident memory under `S × max(64 KiB, F + 4) + receive_budget`, plus 64 KiB per
 //! source for buffers and state. Without credit, yamux's 256 KiB window per stream
 //! allowed up to 250 MiB here.
 //!
@@ -67,7 +67,7 @@ async fn a_thousand_slow_sources_of_64_kib_frames_stay_under_the_formula() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let grown = rss().saturating_sub(before);
-        let frames = SOURCES * (16 << 10).max(FRAME + 4) + BUDGET;
+        let frames = SOURCES * (64 << 10).max(FRAME + 4) + BUDGET;
         // Buffers and state of an open source, both ends in this one process.
         let state = SOURCES * STATE;
         eprintln!(

@@ -106,7 +106,7 @@ async fn a_slow_consumer_is_named_while_it_holds_a_source_back() {
         assert_eq!((st.sources_cut, st.sources_completed), (1, 0));
         assert!(st.blocked.is_empty(), "a cut source is no longer blocked");
         assert!(st.backpressure_wait > Duration::ZERO);
-        // The first 16 KiB frame fills the source's initial credit on its own.
+        // The first frames (16 KiB each) fill the source's initial credit on its own.
         assert!(st.frames_sent >= 1);
     })
     .await

@@ -27,7 +27,7 @@ use crate::source::ReceiveBudget;
 /// # Memory
 ///
 /// What a client holds for its sources is bounded in bytes as well as in frames.
-/// Each source starts with 16 KiB of credit (the protocol's initial window): the
+/// Each source starts with 64 KiB of credit (the protocol's initial window): the
 /// server sends no more than that ahead of the consumer, except one frame at a time
 /// when a frame is larger. A window grows (doubling) only while the consumer is
 /// faster than the link, up to `max_source_window`, and all growth of all the
@@ -36,12 +36,15 @@ use crate::source::ReceiveBudget;
 /// client holds for its sources, in flight and decoded ahead, cost at most
 ///
 /// ```text
-/// S × max(16 KiB, F + 4) + receive_budget
+/// S × max(64 KiB, F + 4) + receive_budget
 /// ```
 ///
 /// (a frame costs its length plus 4), plus the buffers and state of each open
 /// source: tens of KiB (`tests/memory.rs` allows 64 KiB per source, with both ends in
-/// one process). The server holds a source's frames that do not fit the credit in
+/// one process), and up to `F` more per source while a frame is partly read (its
+/// reader reserves the whole frame once its header arrived, and its tail may still
+/// wait in yamux: with 64 KiB frames half the sources of `tests/memory.rs` were seen
+/// so). The server holds a source's frames that do not fit the credit in
 /// its producer (a channel's `capacity`), not in buffers.
 #[derive(Clone)]
 pub struct ClientConfig {
@@ -178,7 +181,7 @@ impl ClientConfig {
     }
 
     /// The most credit one source may grow to: how far its producer may run ahead
-    /// of its consumer, in bytes. Windows start at 16 KiB and grow only while the
+    /// of its consumer, in bytes. Windows start at 64 KiB and grow only while the
     /// consumer waits on the link, so this caps one source's throughput over a long
     /// link at about `max_source_window / RTT` (16 MiB over a 20 ms round trip:
     /// 430-500 MiB/s measured by `scripts/wan.sh`, 610-700 with 64 MiB). A faster
@@ -191,8 +194,8 @@ impl ClientConfig {
     }
 
     /// The bytes all of this client's sources together may grow their windows by,
-    /// beyond the 16 KiB each starts with (see "Memory" above). 0 keeps every
-    /// source at 16 KiB.
+    /// beyond the 64 KiB each starts with (see "Memory" above). 0 keeps every
+    /// source at 64 KiB.
     #[must_use]
     pub fn receive_budget(mut self, bytes: usize) -> Self {
         self.receive_budget = bytes;

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 
 /// The credit a server may use on a child stream before the client's first CREDIT:
 /// every source starts with it.
-pub(crate) const INITIAL_WINDOW: u32 = 16 * 1024;
+pub(crate) const INITIAL_WINDOW: u32 = 64 * 1024;
 
 const MSG_CREDIT: u8 = 1;
 const MSG_DONE: u8 = 2;

@@ -34,7 +34,7 @@ pub type MaxErrorMassFn =
 /// # Memory
 ///
 /// A server holds no frame its client has not made room for. Per source being
-/// served it holds at most 32 frames taken from the producer before the source is
+/// served it holds at most 64 frames taken from the producer before the source is
 /// announced, then an 8 KiB write batch only while it has frames to write (none
 /// while it waits for its producer or for the client's credit), plus the source's
 /// task state (a few KiB); a frame larger than the batch is written from the
@@ -45,7 +45,7 @@ pub type MaxErrorMassFn =
 /// sources being served and `L` links, the server holds at most
 ///
 /// ```text
-/// S × (8 KiB + 32 frames + task state) + L × send_queue
+/// S × (8 KiB + 64 frames + task state) + L × send_queue
 /// ```
 ///
 /// beyond what its producers keep.

@@ -103,10 +103,14 @@ impl RemoteFrames {
     pub(super) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
         match poll_ahead(self, cx) {
             Ahead::Item(f) => {
-                self.timer = None;
+                if self.timer.is_some() {
+                    self.timer = None;
+                }
                 self.grant.consumed(f.len());
-                // Credit that cannot go yet goes with a later poll.
-                let _ = self.poll_grant(cx);
+                if self.grant.has_output() {
+                    // Credit that cannot go yet goes with a later poll.
+                    let _ = self.poll_grant(cx);
+                }
                 Poll::Ready(Some(Ok(f)))
             }
             Ahead::End(None) => {
