@@ -76,6 +76,10 @@
 //! - `source/` — [`Source`], [`SourceSender`], [`Meta`], [`Request`], [`RequestTag`]:
 //!   shared by both sides; `remote` (the reader of a child stream, which *is* the
 //!   source's `poll_next`).
+//! - `upload` — [`Upload`]: frames a client sends after its request
+//!   ([`Client::lookup_and_upload`]), read by the service with [`Request::upload`];
+//!   `server/upload` reads them off the master as the service consumes them,
+//!   `client/upload` writes them while `Sources` reads the answers.
 //! - `error` — [`Error`], one variant per cause a caller can act on.
 //! - `typed` — with the `serde` feature: typed frames, each one value encoded with
 //!   postcard (`TypedSource`, `TypedSender`, `Source::typed`, `Source::from_typed`).
@@ -146,6 +150,7 @@ mod source;
 mod tally;
 #[cfg(feature = "serde")]
 pub mod typed;
+mod upload;
 
 pub use proto::frame;
 
@@ -167,3 +172,4 @@ pub use server::{
     BlockedSource, MaxErrorMassFn, ServeHandle, Server, ServerConfig, ServiceStats, SourceItem,
 };
 pub use source::{Meta, Request, RequestTag, Source, SourceSender, TrySendError};
+pub use upload::Upload;

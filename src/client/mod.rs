@@ -11,11 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use futures::stream::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::error::{Error, Result, Timeout};
+use crate::error::{BoxError, Error, Result, Timeout};
 use crate::frame::FrameCodec;
 use crate::mux::{from_io, DialOptions, Listener, Multiplexer, NodeId};
 use crate::proto::chanserv::RequestMsg;
@@ -24,16 +25,19 @@ use accept::accept_children;
 
 mod accept;
 mod config;
+mod halves;
 mod scatter;
 mod sources;
 mod stats;
+mod upload;
 
 pub use config::ClientConfig;
 pub use scatter::Scatter;
-use sources::MasterIo;
+use sources::MasterRead;
 pub use sources::Sources;
 use stats::ClientCounters;
 pub use stats::{ClientStats, RequestStats};
+use upload::BoxUpload;
 
 /// Posts requests to services and receives their sources.
 ///
@@ -68,7 +72,7 @@ struct ClientInner<M> {
     next_req: AtomicU64,
     /// Master streams of finished requests, closed with the next request's write so
     /// both leave in one packet (see `Sources`).
-    finished: Arc<Mutex<Vec<Box<dyn MasterIo>>>>,
+    finished: Arc<Mutex<Vec<Box<dyn MasterRead>>>>,
     listening: Arc<DropGuard>,
     stats: Arc<ClientCounters>,
 }
@@ -163,6 +167,59 @@ impl<M: Multiplexer> Client<M> {
         self.post_on(name, body.into(), tags, Some(node)).await
     }
 
+    /// Like [`lookup_and_post`](Self::lookup_and_post), with an upload: the frames of
+    /// `upload` follow the request on its master stream, and the service reads them
+    /// with [`Request::upload`](crate::Request::upload) while it answers (an echo can
+    /// stream them back as they come: both directions flow at once).
+    ///
+    /// A task writes the upload as fast as the service reads it: the multiplexer's
+    /// window holds it back, so `upload` is polled only a little ahead of the
+    /// service. When `upload` ends the service sees its end (`None`); an `Err` item
+    /// fails the upload instead (the service gets [`Error::SourceFailed`] with its
+    /// message, a [`Source`](crate::Source)'s `SourceFailed` passing through as it
+    /// was). [`Source::channel`](crate::Source::channel) makes a sender for it:
+    /// dropping the sender completes the upload, `abort` fails it.
+    ///
+    /// `upload` is dropped once its end was sent, or earlier when the service lets go
+    /// of the upload before its end (its request goes on; a channel's `send` then
+    /// fails with [`Error::Closed`]), when the request ends, or when the returned
+    /// [`Sources`] is dropped (which cancels the upload with the request: the service
+    /// sees [`Error::Reset`]). The `Sources` ends after the upload did.
+    pub async fn lookup_and_upload<S, E>(
+        &self,
+        vaddr: &str,
+        body: impl Into<Bytes>,
+        tags: &[RequestTag],
+        upload: S,
+    ) -> Result<Sources>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let upload = box_upload(upload);
+        self.post_with(vaddr, body.into(), tags, None, Some(upload))
+            .await
+    }
+
+    /// Like [`lookup_and_upload`](Self::lookup_and_upload), served by the node `node`
+    /// (as [`post_to`](Self::post_to)).
+    pub async fn upload_to<S, E>(
+        &self,
+        node: NodeId,
+        name: &str,
+        body: impl Into<Bytes>,
+        tags: &[RequestTag],
+        upload: S,
+    ) -> Result<Sources>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let upload = box_upload(upload);
+        self.post_with(name, body.into(), tags, Some(node), Some(upload))
+            .await
+    }
+
     /// A snapshot of the client's counters, summed over every request it made
     /// (through any clone). Cheap: a few atomic loads.
     pub fn stats(&self) -> ClientStats {
@@ -175,6 +232,17 @@ impl<M: Multiplexer> Client<M> {
         body: Bytes,
         tags: &[RequestTag],
         node: Option<NodeId>,
+    ) -> Result<Sources> {
+        self.post_with(vaddr, body, tags, node, None).await
+    }
+
+    async fn post_with(
+        &self,
+        vaddr: &str,
+        body: Bytes,
+        tags: &[RequestTag],
+        node: Option<NodeId>,
+        upload: Option<BoxUpload>,
     ) -> Result<Sources> {
         let c = &self.inner;
         let id = c.next_req.fetch_add(1, Ordering::Relaxed);
@@ -189,6 +257,7 @@ impl<M: Multiplexer> Client<M> {
             id,
             reply: c.reply.clone(),
             tags: tags.to_vec(),
+            upload: upload.is_some(),
             body,
         };
         let codec = FrameCodec::new().with_limit(c.cfg.frame_size_limit);
@@ -207,7 +276,16 @@ impl<M: Multiplexer> Client<M> {
         // Close the masters of requests that finished since the last post, now that
         // this request's bytes are queued: the closes go out in the same packet.
         drop(std::mem::take(&mut *c.finished.lock().unwrap()));
-        Ok(Sources::new(master, buf, codec, guard, tally, tags, c))
+        let (master, upload): (Box<dyn MasterRead>, _) = match upload {
+            None => (Box::new(master), None),
+            Some(up) => {
+                // The upload's task writes, `Sources` reads: both at once.
+                let (rd, wr) = halves::split(master);
+                let t = c.cfg.master_write_timeout;
+                (Box::new(rd), Some(upload::spawn(wr, up, codec, t)))
+            }
+        };
+        Ok(Sources::new(master, buf, codec, guard, tally, tags, c).with_upload(upload))
     }
 
     /// Opens the request's master stream and writes the request on it.
@@ -218,7 +296,7 @@ impl<M: Multiplexer> Client<M> {
         msg: &RequestMsg,
         codec: &FrameCodec,
         buf: &mut BytesMut,
-    ) -> Result<Box<dyn MasterIo>> {
+    ) -> Result<M::Stream> {
         let c = &self.inner;
         let mut opts = DialOptions::new(c.cfg.dial_timeout);
         if let Some(b) = msg.tags.iter().find_map(|t| match t {
@@ -245,6 +323,16 @@ impl<M: Multiplexer> Client<M> {
                 .map_err(|_| Error::Timeout(Timeout::MasterWrite))?
                 .map_err(from_io)?,
         }
-        Ok(Box::new(master))
+        Ok(master)
     }
+}
+
+/// The user's upload stream, its errors made the crate's (a chanserv error, such as a
+/// forwarded source's, stays what it is).
+fn box_upload<S, E>(upload: S) -> BoxUpload
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    Box::pin(upload.map(|r| r.map_err(Error::from_producer)))
 }

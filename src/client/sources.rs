@@ -10,9 +10,11 @@ use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
 use futures::stream::{FusedStream, Stream, StreamExt};
+use tokio::io::AsyncRead;
 use tokio::sync::oneshot;
 
 use super::stats::{RequestStats, RequestTally};
+use super::upload::UploadHandle;
 use super::{ClientConfig, ClientInner, RequestGuard, Routes, Slot};
 use crate::error::{Error, Result, Timeout};
 use crate::frame::FrameCodec;
@@ -26,23 +28,31 @@ use crate::tally::Tally;
 /// Finished masters kept for the next request at most; beyond, they close at once.
 const MAX_FINISHED: usize = 16;
 
-pub(super) use crate::source::Io as MasterIo;
+/// A master stream as `Sources` holds it: read only (an upload's task has the write
+/// half).
+pub(super) trait MasterRead: AsyncRead + Send + Unpin {}
+impl<T: AsyncRead + Send + Unpin> MasterRead for T {}
 
 /// The sources of one request, in the order the server announced them: a
 /// `Stream<Item = Result<Source, Error>>` ending with `None` once the server said it
 /// announced them all, or with one `Err` if the request failed.
 ///
 /// Dropping it stops the request: the master stream is reset, and sources not yet
-/// handed out are dropped (their producers with them). Sources already handed out
-/// keep flowing.
+/// handed out are dropped (their producers with them), and so is the upload, if the
+/// request has one ([`Client::lookup_and_upload`](super::Client::lookup_and_upload)):
+/// the service sees it fail. Sources already handed out keep flowing. A request with
+/// an upload ends after its upload did.
 ///
 /// Once the server's end arrived, the master stream's close is held (up to 16 per
 /// client) and sent with the client's next request or when the client is dropped, so
 /// a sequence of requests costs one packet each way per request.
 #[must_use = "dropping the sources cancels the request"]
 pub struct Sources {
-    master: Option<Box<dyn MasterIo>>,
-    finished: Arc<Mutex<Vec<Box<dyn MasterIo>>>>,
+    master: Option<Box<dyn MasterRead>>,
+    finished: Arc<Mutex<Vec<Box<dyn MasterRead>>>>,
+    /// The request's upload task, if it has one: stopped when the server says so,
+    /// cancelled when this is dropped.
+    upload: Option<UploadHandle>,
     buf: BytesMut,
     codec: FrameCodec,
     ahead: VecDeque<Source>,
@@ -69,7 +79,7 @@ impl fmt::Debug for Sources {
 
 impl Sources {
     pub(super) fn new<M>(
-        master: Box<dyn MasterIo>,
+        master: Box<dyn MasterRead>,
         buf: BytesMut,
         codec: FrameCodec,
         guard: Arc<RequestGuard>,
@@ -80,6 +90,7 @@ impl Sources {
         Sources {
             finished: client.finished.clone(),
             master: Some(master),
+            upload: None,
             buf,
             codec,
             ahead: VecDeque::new(),
@@ -93,6 +104,11 @@ impl Sources {
             timer: None,
             done: false,
         }
+    }
+
+    pub(super) fn with_upload(mut self, upload: Option<UploadHandle>) -> Self {
+        self.upload = upload;
+        self
     }
 
     /// The next source: `None` once all were announced.
@@ -159,6 +175,12 @@ impl Sources {
             }
             MasterMsg::End => self.end = Some(None),
             MasterMsg::Error(m) => self.end = Some(Some(Error::RequestFailed(m))),
+            // The service let go of the upload: it ends here (without one, nothing to do).
+            MasterMsg::UploadStop => {
+                if let Some(u) = &self.upload {
+                    u.stop();
+                }
+            }
         }
         Ok(())
     }
@@ -209,6 +231,10 @@ impl Stream for Sources {
                 }
                 Ahead::End(end) => {
                     this.done = true;
+                    // The request is over: so is its upload (after END it was already).
+                    if let Some(u) = &this.upload {
+                        u.stop();
+                    }
                     this.tally.ended(end.is_some());
                     // The server closes the master after its last message; we are done
                     // too. Its close waits for the client's next request (one packet

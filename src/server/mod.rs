@@ -27,6 +27,7 @@ mod config;
 mod pump;
 mod request;
 mod stats;
+mod upload;
 
 pub use config::{MaxErrorMassFn, ServerConfig};
 use request::serve_request;

@@ -57,18 +57,39 @@ impl Meta {
 }
 
 /// A request as the source function sees it.
+///
+/// Clones share the request's upload (see [`upload`](Request::upload)).
 #[derive(Debug, Clone)]
 pub struct Request {
     /// The body the client posted.
     pub body: Bytes,
     /// The caller's address and tags.
     pub meta: Meta,
+    /// The upload that came after the body, until the service takes it.
+    pub(crate) upload: crate::upload::UploadSlot,
 }
 
 impl Request {
     /// The request's tags.
     pub fn tags(&self) -> &[RequestTag] {
         &self.meta.tags
+    }
+
+    /// The frames the client sent after the body
+    /// ([`Client::lookup_and_upload`](crate::Client::lookup_and_upload)), handed out
+    /// once: `None` when the request came without an upload or it was taken already
+    /// (by this request or a clone).
+    ///
+    /// An upload nobody takes is stopped (the client is told) when the last clone of
+    /// the request is dropped; until then it holds the client's upload back.
+    pub fn upload(&self) -> Option<crate::upload::Upload> {
+        self.upload.take()
+    }
+
+    /// True when the client sent an upload with the request, whether it was taken
+    /// already or not.
+    pub fn has_upload(&self) -> bool {
+        self.upload.exists()
     }
 }
 
