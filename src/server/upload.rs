@@ -95,6 +95,10 @@ async fn upload<R: AsyncRead + Unpin>(
                     return Ok(true);
                 }
                 Ok(None) => break true,
+                Ok(Some(Item::Sync | Item::Blocked)) => {
+                    feed.finish(Err(marker()));
+                    return Err(marker());
+                }
                 Err(e) => {
                     feed.finish(Err(Error::Protocol(format!("upload: {e}"))));
                     return Err(e);
@@ -146,6 +150,12 @@ fn poll_read_upload<R: AsyncRead + Unpin>(
     tokio_util::io::poll_read_buf(Pin::new(rd), cx, &mut (&mut *buf).limit(n)).map_err(from_io)
 }
 
+/// Credit's markers (SYNC, BLOCKED) belong to child streams: on the master they break
+/// the protocol.
+fn marker() -> Error {
+    Error::Protocol("upload: a credit marker on the master".into())
+}
+
 /// Drops what the client still sends of an upload the service let go of, up to its
 /// END or ABORT.
 async fn discard<R: AsyncRead + Unpin>(
@@ -157,6 +167,7 @@ async fn discard<R: AsyncRead + Unpin>(
         match codec.decode_item(buf)? {
             Some(Item::Frame(_)) => {}
             Some(Item::End | Item::Abort(_)) => return Ok(()),
+            Some(Item::Sync | Item::Blocked) => return Err(marker()),
             None => {
                 if poll_fn(|cx| poll_read_frames(rd, cx, codec, buf)).await? == 0 {
                     return Err(Error::Reset);
