@@ -37,10 +37,12 @@ type EndSlot = Arc<Mutex<Option<Result<()>>>>;
 /// the link) before the end, [`Error::Closed`] when the request was stopped on this
 /// side (the service shut down, the request failed). Frames arrive in order, each once.
 ///
-/// The server reads the upload only as fast as it is consumed (a few frames ahead), so
-/// a slow consumer slows the client's upload down through the multiplexer's window.
-/// An `Upload` may be kept beyond the source function: a source's producer can read
-/// it (an echo is `Source::try_new(header, upload)`).
+/// The server reads the upload only as fast as it is consumed (16 frames ahead), so a
+/// slow consumer slows the client's upload down through the multiplexer's window. A
+/// client that leaves is seen all the same, at once (on a [`Node`](crate::Node)), and
+/// cancels the request: an upload held unread then fails with [`Error::Reset`] after
+/// the frames that had arrived. An `Upload` may be kept beyond the source function: a
+/// source's producer can read it (an echo is `Source::try_new(header, upload)`).
 ///
 /// Dropping it before its end stops the upload: the client is told (its upload stream
 /// is dropped: a [`SourceSender`](crate::SourceSender) feeding it gets

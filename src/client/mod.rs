@@ -25,7 +25,6 @@ use accept::accept_children;
 
 mod accept;
 mod config;
-mod halves;
 mod scatter;
 mod sources;
 mod stats;
@@ -33,8 +32,8 @@ mod upload;
 
 pub use config::ClientConfig;
 pub use scatter::Scatter;
-use sources::MasterRead;
 pub use sources::Sources;
+use sources::{MasterIn, MasterIo};
 use stats::ClientCounters;
 pub use stats::{ClientStats, RequestStats};
 use upload::BoxUpload;
@@ -72,7 +71,7 @@ struct ClientInner<M> {
     next_req: AtomicU64,
     /// Master streams of finished requests, closed with the next request's write so
     /// both leave in one packet (see `Sources`).
-    finished: Arc<Mutex<Vec<Box<dyn MasterRead>>>>,
+    finished: Arc<Mutex<Vec<Box<dyn MasterIo>>>>,
     listening: Arc<DropGuard>,
     stats: Arc<ClientCounters>,
 }
@@ -170,21 +169,34 @@ impl<M: Multiplexer> Client<M> {
     /// Like [`lookup_and_post`](Self::lookup_and_post), with an upload: the frames of
     /// `upload` follow the request on its master stream, and the service reads them
     /// with [`Request::upload`](crate::Request::upload) while it answers (an echo can
-    /// stream them back as they come: both directions flow at once).
+    /// stream them back as they come: both directions flow at once). Any
+    /// `Stream<Item = Result<Bytes, E>>` will do: a received [`Source`](crate::Source)
+    /// (a gateway forwards it as it came), or the source of
+    /// [`Source::channel`](crate::Source::channel) to push frames from elsewhere.
     ///
-    /// A task writes the upload as fast as the service reads it: the multiplexer's
-    /// window holds it back, so `upload` is polled only a little ahead of the
-    /// service. When `upload` ends the service sees its end (`None`); an `Err` item
-    /// fails the upload instead (the service gets [`Error::SourceFailed`] with its
-    /// message, a [`Source`](crate::Source)'s `SourceFailed` passing through as it
-    /// was). [`Source::channel`](crate::Source::channel) makes a sender for it:
-    /// dropping the sender completes the upload, `abort` fails it.
+    /// - **Backpressure.** A task of the request writes the upload as fast as the
+    ///   service takes it, no faster: the service's queue (16 frames) and the master's
+    ///   window hold it back, so `upload` is polled only a bounded way ahead of the
+    ///   service, however slow the service or the client's reading of what it answers.
+    /// - **Completion is not failure.** When `upload` ends, the service's upload ends
+    ///   with `None`. An `Err` item fails it instead: the service gets
+    ///   [`Error::SourceFailed`] with the error's message (a chanserv error, such as a
+    ///   forwarded source's, as it was), and the request goes on.
+    /// - **Cancellation, service side.** A service that drops its upload before its
+    ///   end, or never takes it, stops it: `upload` is dropped at once (a channel's
+    ///   `send` fails with [`Error::Closed`]), whether or not the returned [`Sources`]
+    ///   is being polled; the request goes on.
+    /// - **Cancellation, client side.** Dropping the returned [`Sources`] cancels the
+    ///   request and drops `upload` unfinished: the service's upload fails with
+    ///   [`Error::Reset`], even while it holds it unread. A link that dies fails both
+    ///   sides: [`Sources`] yields the error, the service's upload too.
     ///
-    /// `upload` is dropped once its end was sent, or earlier when the service lets go
-    /// of the upload before its end (its request goes on; a channel's `send` then
-    /// fails with [`Error::Closed`]), when the request ends, or when the returned
-    /// [`Sources`] is dropped (which cancels the upload with the request: the service
-    /// sees [`Error::Reset`]). The `Sources` ends after the upload did.
+    /// `upload` is dropped once its end was sent, when it is stopped or cancelled as
+    /// above, or when the request ends (an ERROR from the service, say); the
+    /// [`Sources`] ends (`None`) only after the upload did. A channel's
+    /// [`flush`](crate::SourceSender::flush) and
+    /// [`finish`](crate::SourceSender::finish) report what the request's task took
+    /// from it, not what the service has read.
     pub async fn lookup_and_upload<S, E>(
         &self,
         vaddr: &str,
@@ -276,13 +288,14 @@ impl<M: Multiplexer> Client<M> {
         // Close the masters of requests that finished since the last post, now that
         // this request's bytes are queued: the closes go out in the same packet.
         drop(std::mem::take(&mut *c.finished.lock().unwrap()));
-        let (master, upload): (Box<dyn MasterRead>, _) = match upload {
-            None => (Box::new(master), None),
+        let (master, upload) = match upload {
+            None => (MasterIn::Stream(Box::new(master)), None),
             Some(up) => {
-                // The upload's task writes, `Sources` reads: both at once.
-                let (rd, wr) = halves::split(master);
+                // The upload's task drives the master; `Sources` reads what it relays.
                 let t = c.cfg.master_write_timeout;
-                (Box::new(rd), Some(upload::spawn(wr, up, codec, t)))
+                let f = c.finished.clone();
+                let (handle, rx) = upload::spawn(Box::new(master), up, codec, t, f);
+                (MasterIn::Relayed(rx), Some(handle))
             }
         };
         Ok(Sources::new(master, buf, codec, guard, tally, tags, c).with_upload(upload))

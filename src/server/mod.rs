@@ -25,6 +25,7 @@ use crate::source::{Request, Source};
 
 mod config;
 mod credit;
+mod halves;
 mod pump;
 mod request;
 mod stats;

@@ -11,11 +11,12 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use futures::stream::{Stream, StreamExt};
 use futures::FutureExt;
-use tokio::io::{AsyncRead, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::halves::{self, WriteHalf};
 use super::pump::Pump;
 use super::upload::{read_master, Phase};
 use super::{panic_message, with_timeout, write_buf, Caught, Ctx, INLINE_BUDGET, WRITE_BATCH};
@@ -109,7 +110,7 @@ async fn announce_sources<M: Multiplexer>(
         },
         upload,
     };
-    let (rd, wr) = tokio::io::split(master);
+    let (rd, wr) = halves::split(master, M::poll_peer_gone);
     let master = Master {
         ctx,
         s: wr,

@@ -1,16 +1,17 @@
 //! The read side of a master stream once its request was read (`PROTOCOL.md`,
 //! "chanserv", "Uploads"): the request's upload, if any, fed to its consumer only as
-//! far as the consumer has room; then a watch for the client leaving.
+//! far as the consumer has room (beyond, the master's window holds the client back,
+//! and the stream is only watched for the client leaving); then a watch for the client
+//! leaving.
 //!
 //! It owns nothing of the write side: when the service lets go of an upload before
 //! its end, it says so ([`Phase::StopWanted`]) and the announcer, the master's one
 //! writer, tells the client (UPLOAD_STOP).
 
 use std::future::poll_fn;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::watch;
@@ -20,14 +21,13 @@ use crate::frame::{FrameCodec, Item};
 use crate::mux::{from_io, poll_read_frames};
 use crate::upload::Feed;
 
-/// Bytes read ahead of an upload's consumer, beyond the frames queued for it, while it
-/// takes none. Reading that much, and no more, keeps memory bounded (the master's
-/// window holds the client back) while a client that leaves is still seen: what it
-/// sent before it left is at most its initial window (256 KiB), read here, and then
-/// the master's end.
-const READ_AHEAD: usize = 256 * 1024;
-/// Most bytes one read ahead of the consumer takes.
-const READ_CHUNK: usize = 64 * 1024;
+/// The master's read side as the upload's reader needs it.
+pub(super) trait MasterRead: AsyncRead + Unpin {
+    /// Ready once the client is gone (it reset the master, or the link died), without
+    /// reading: what it sent before may wait unread behind its reset. See
+    /// [`Multiplexer::poll_peer_gone`](crate::Multiplexer::poll_peer_gone).
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<Error>;
+}
 
 /// Where a request's upload is, as the announcer needs to know it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub(super) enum Phase {
 
 /// Reads the master after the request: the upload (when `feed` is given), then waits
 /// for the client to leave. Returns only then, with why: the request is cancelled.
-pub(super) async fn read_master<R: AsyncRead + Unpin>(
+pub(super) async fn read_master<R: MasterRead>(
     mut rd: R,
     mut buf: BytesMut,
     codec: FrameCodec,
@@ -70,7 +70,7 @@ pub(super) async fn read_master<R: AsyncRead + Unpin>(
 /// Feeds the upload's frames to its consumer. `Ok(true)` at the upload's END or ABORT,
 /// `Ok(false)` when the consumer dropped the upload first, `Err` when the client left
 /// or broke the protocol; the consumer is told every end but its own.
-async fn upload<R: AsyncRead + Unpin>(
+async fn upload<R: MasterRead>(
     rd: &mut R,
     buf: &mut BytesMut,
     codec: &FrameCodec,
@@ -105,55 +105,52 @@ async fn upload<R: AsyncRead + Unpin>(
                 }
             }
         };
-        // Read only what the consumer has room for, or a little ahead of it.
-        let read_more = room || buf.len() < READ_AHEAD;
-        tokio::select! {
-            r = poll_fn(|cx| poll_read_upload(rd, cx, codec, buf, room)), if read_more => {
-                let e = match r {
-                    Ok(0) => Error::Reset,
-                    Ok(_) => continue,
-                    Err(e) => e,
-                };
-                // The master ended (or failed) before the upload did: the client left.
-                feed.finish(Err(match e {
-                    Error::LinkClosed => Error::LinkClosed,
-                    _ => Error::Reset,
-                }));
-                return Err(e);
-            }
+        // Read only what the consumer has room for; while it has none, only watch for
+        // the client leaving (its reset waits behind what it sent, unread).
+        let e = tokio::select! {
+            r = poll_fn(|cx| poll_more(rd, cx, codec, buf, room)) => match r {
+                Ok(()) => continue,
+                Err(e) => e,
+            },
             // Room again (the permit goes back at once: the loop above takes it).
-            r = feed.tx.reserve(), if !room => {
-                if r.is_err() {
-                    return Ok(false);
-                }
-            }
+            r = feed.tx.reserve(), if !room => match r {
+                Ok(_) => continue,
+                Err(_) => return Ok(false),
+            },
             _ = feed.tx.closed() => return Ok(false),
-        }
+        };
+        // The master ended (or failed) before the upload did: the client left.
+        feed.finish(Err(match e {
+            Error::LinkClosed => Error::LinkClosed,
+            _ => Error::Reset,
+        }));
+        return Err(e);
     }
-}
-
-/// Reads more of the upload: what the next frame lacks when the consumer has room
-/// (every whole frame was handed over), else a chunk ahead of it. (`poll_read_frames`
-/// reads only what the first frame lacks: behind a whole frame, one byte a read.)
-fn poll_read_upload<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    cx: &mut Context<'_>,
-    codec: &FrameCodec,
-    buf: &mut BytesMut,
-    room: bool,
-) -> Poll<Result<usize>> {
-    if room {
-        return poll_read_frames(rd, cx, codec, buf);
-    }
-    let n = READ_AHEAD.saturating_sub(buf.len()).clamp(1, READ_CHUNK);
-    buf.reserve(n);
-    tokio_util::io::poll_read_buf(Pin::new(rd), cx, &mut (&mut *buf).limit(n)).map_err(from_io)
 }
 
 /// Credit's markers (SYNC, BLOCKED) belong to child streams: on the master they break
 /// the protocol.
 fn marker() -> Error {
     Error::Protocol("upload: a credit marker on the master".into())
+}
+
+/// Reads more of the upload when its consumer has room, else only watches for the
+/// client leaving. `Err` once the master ended or failed.
+fn poll_more<R: MasterRead>(
+    rd: &mut R,
+    cx: &mut Context<'_>,
+    codec: &FrameCodec,
+    buf: &mut BytesMut,
+    room: bool,
+) -> Poll<Result<()>> {
+    if !room {
+        return rd.poll_gone(cx).map(Err);
+    }
+    match ready!(poll_read_frames(rd, cx, codec, buf)) {
+        Ok(0) => Poll::Ready(Err(Error::Reset)),
+        Ok(_) => Poll::Ready(Ok(())),
+        Err(e) => Poll::Ready(Err(e)),
+    }
 }
 
 /// Drops what the client still sends of an upload the service let go of, up to its
@@ -196,8 +193,10 @@ async fn gone<R: AsyncRead + Unpin>(rd: &mut R, buf: &BytesMut) -> Error {
 mod tests {
     use super::*;
     use crate::upload::{Upload, UPLOAD_AHEAD};
+    use futures::task::AtomicWaker;
     use futures::StreamExt;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::io::{AsyncWriteExt, DuplexStream, ReadBuf};
     use tokio::task::JoinHandle;
@@ -224,11 +223,69 @@ mod tests {
 
     /// Reads `server` (after `buf`, what the request's read left) for an upload.
     fn reading<R: AsyncRead + Unpin + Send + 'static>(server: R, buf: &[u8]) -> Reading {
+        reading_probed(Probed::new(server), buf)
+    }
+
+    fn reading_probed<R>(server: Probed<R>, buf: &[u8]) -> Reading
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+    {
         let (feed, up) = Upload::channel();
         let (tx, phase) = watch::channel(Phase::Running);
         let buf = BytesMut::from(buf);
         let task = tokio::spawn(read_master(server, buf, FrameCodec::new(), Some(feed), tx));
         Reading { up, phase, task }
+    }
+
+    /// What a test master shares with the test: the client's leaving (as a
+    /// multiplexer's probe would see it), the bytes read and the reads.
+    #[derive(Default)]
+    struct Shared {
+        gone: AtomicBool,
+        waker: AtomicWaker,
+        read: AtomicUsize,
+        reads: AtomicUsize,
+    }
+
+    impl Shared {
+        fn leave(&self) {
+            self.gone.store(true, Ordering::SeqCst);
+            self.waker.wake();
+        }
+    }
+
+    /// A master's read side over `R`, probed through `Shared`.
+    struct Probed<R>(R, Arc<Shared>);
+
+    impl<R> Probed<R> {
+        fn new(r: R) -> Self {
+            Probed(r, Arc::default())
+        }
+    }
+
+    impl<R: AsyncRead + Unpin> AsyncRead for Probed<R> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let before = buf.filled().len();
+            let r = Pin::new(&mut self.0).poll_read(cx, buf);
+            let n = buf.filled().len() - before;
+            self.1.read.fetch_add(n, Ordering::Relaxed);
+            self.1.reads.fetch_add(1, Ordering::Relaxed);
+            r
+        }
+    }
+
+    impl<R: AsyncRead + Unpin> MasterRead for Probed<R> {
+        fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<Error> {
+            self.1.waker.register(cx.waker());
+            match self.1.gone.load(Ordering::SeqCst) {
+                true => Poll::Ready(Error::Reset),
+                false => Poll::Pending,
+            }
+        }
     }
 
     fn pipe() -> (DuplexStream, DuplexStream) {
@@ -307,52 +364,70 @@ mod tests {
         .await;
     }
 
-    /// A reader that counts the bytes it hands out, and its reads.
-    struct Counted<R>(R, Arc<AtomicUsize>, Arc<AtomicUsize>);
+    /// 2 MiB of 1 KiB frames, then END.
+    fn two_mib() -> Vec<u8> {
+        let frame = vec![7u8; 1024];
+        frames(&vec![&frame[..]; 2048], None)
+    }
 
-    impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            let before = buf.filled().len();
-            let r = Pin::new(&mut self.0).poll_read(cx, buf);
-            let n = buf.filled().len() - before;
-            self.1.fetch_add(n, Ordering::Relaxed);
-            self.2.fetch_add(1, Ordering::Relaxed);
-            r
+    /// A reader of 2 MiB of upload, run until it waits for its consumer, and then some;
+    /// and the client's end, kept open.
+    async fn full_reader() -> (Reading, Arc<Shared>, DuplexStream) {
+        let (mut client, server) = tokio::io::duplex(4 << 20);
+        client.write_all(&two_mib()).await.unwrap();
+        let server = Probed::new(server);
+        let shared = server.1.clone();
+        let r = reading_probed(server, &[]);
+        while r.up.queued() < UPLOAD_AHEAD {
+            tokio::task::yield_now().await;
         }
+        for _ in 0..64 {
+            tokio::task::yield_now().await;
+        }
+        (r, shared, client)
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_consumer_that_takes_nothing_holds_the_reading_back() {
         bounded(async {
-            let (mut client, server) = tokio::io::duplex(4 << 20);
-            let (read, reads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-            let frame = vec![7u8; 1024];
-            let many: Vec<&[u8]> = vec![&frame; 2048]; // 2 MiB
-            client.write_all(&frames(&many, None)).await.unwrap();
-            let mut r = reading(Counted(server, read.clone(), reads.clone()), &[]);
-            // Let the reader run until it waits for the consumer, and then some.
-            while r.up.queued() < UPLOAD_AHEAD {
-                tokio::task::yield_now().await;
-            }
-            for _ in 0..64 {
-                tokio::task::yield_now().await;
-            }
-            // It took the frames queued for the consumer, its read-ahead and one read more,
-            // in chunks.
-            let bound = UPLOAD_AHEAD * 1028 + READ_AHEAD + 256 * 1024;
-            let took = read.load(Ordering::Relaxed);
+            let (mut r, shared, _client) = full_reader().await;
+            // It took the frames queued for the consumer and at most one read more (a
+            // read gets at most 256 KiB of room), in chunks.
+            let bound = UPLOAD_AHEAD * 1028 + 256 * 1024;
+            let took = shared.read.load(Ordering::Relaxed);
             assert!(took <= bound, "read {took} bytes ahead, bound {bound}");
-            assert!(reads.load(Ordering::Relaxed) < 64, "not byte by byte");
+            assert!(
+                shared.reads.load(Ordering::Relaxed) < 64,
+                "not byte by byte"
+            );
             let mut n = 0;
             while let Some(f) = r.up.next().await {
                 assert_eq!(f.unwrap().len(), 1024);
                 n += 1;
             }
             assert_eq!(n, 2048, "and the rest once the consumer reads");
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_leaves_is_seen_while_the_consumer_takes_nothing() {
+        bounded(async {
+            let (mut r, shared, _client) = full_reader().await;
+            // Megabytes wait unread behind the client's reset: the probe sees it.
+            shared.leave();
+            let e = r.task.await.unwrap();
+            assert!(matches!(e, Error::Reset), "{e}");
+            let mut n = 0;
+            let end = loop {
+                match r.up.next().await {
+                    Some(Ok(_)) => n += 1,
+                    Some(Err(e)) => break e,
+                    None => panic!("a client that left is no completion"),
+                }
+            };
+            assert_eq!(n, UPLOAD_AHEAD, "what was queued, then the failure");
+            assert!(matches!(end, Error::Reset), "{end}");
         })
         .await;
     }
