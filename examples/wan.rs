@@ -15,6 +15,10 @@
 //! `--raw-listen` it also accepts plain TCP connections there: each reads a `u64` N and
 //! gets N bytes, then the server closes its side. It prints `ready` lines on stdout.
 //!
+//! `--window` sets the client's `max_source_window` and `receive_budget` (default 16
+//! MiB each): one source's throughput over a path is at most about its window per
+//! round trip.
+//!
 //! `client` connects (a chanserv link, or with `--raw` a TCP connection), then times
 //! from the request to the last byte, checks the byte count and prints one line for
 //! people and one for scripts (`wan mode=... mib_per_s=...`). The chanserv client first
@@ -32,7 +36,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chanserv::{BoxError, Client, Node, Server, ServerConfig, Source};
+use chanserv::{BoxError, Client, ClientConfig, Node, Server, ServerConfig, Source};
 use futures::{stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -42,7 +46,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 const MAX_FRAME: u64 = 16 << 20;
 const SERVICE: &str = "wan";
 const USAGE: &str = "usage: wan serve --listen ADDR [--raw-listen ADDR]
-       wan client --connect ADDR [--raw] --bytes N [--frame F (1 MiB)]
+       wan client --connect ADDR [--raw] --bytes N [--frame F (1 MiB)] [--window BYTES]
        wan rtt --connect ADDR [--count N (10)]";
 
 #[path = "../benches/common/payload.rs"]
@@ -58,6 +62,8 @@ struct Opts {
     bytes: u64,
     frame: u64,
     count: usize,
+    /// The client's `max_source_window` and `receive_budget` (default: the library's).
+    window: Option<usize>,
 }
 
 fn parse_args() -> Result<Opts, String> {
@@ -86,6 +92,7 @@ fn parse_args() -> Result<Opts, String> {
             "--bytes" => o.bytes = num(&v)?,
             "--frame" => o.frame = num(&v)?,
             "--count" => o.count = num(&v)?.max(1) as usize,
+            "--window" => o.window = Some(num(&v)? as usize),
             _ => return Err(format!("unknown argument {flag}")),
         }
     }
@@ -225,7 +232,15 @@ async fn chanserv_client(o: &Opts) -> Result<(), BoxError> {
     let node = Node::new();
     node.join(addr).await?.detach();
     node.wait_for_name(SERVICE, Duration::from_secs(10)).await?;
-    let client = Client::new(node.clone())?;
+    let client = match o.window {
+        Some(w) => Client::with_config(
+            node.clone(),
+            ClientConfig::default()
+                .max_source_window(w)
+                .receive_budget(w),
+        )?,
+        None => Client::new(node.clone())?,
+    };
     fetch(&client, o.frame, o.frame).await?; // warm-up: the link is up, its RTT known
     let t0 = Instant::now();
     let ttfb = fetch(&client, o.bytes, o.frame).await?;

@@ -4,6 +4,7 @@
 #
 #   sudo scripts/wan.sh                          # about 2 minutes; root and iproute2
 #   WAN_ROUNDS=5 WAN_BYTES=$((1<<30)) sudo scripts/wan.sh
+#   WAN_WINDOW=$((64<<20)) sudo scripts/wan.sh   # the chanserv client's window and budget
 #
 # Two network namespaces joined by a veth pair: the server (examples/wan.rs) in A, the
 # client in B. This kernel has no netem, so the delay is examples/delayproxy.rs, in B
@@ -108,7 +109,7 @@ for r in $(seq 1 "$ROUNDS"); do
         {
             client client --connect "$raw" --raw --bytes "$BYTES" || true
             for f in "${FRAMES[@]}"; do
-                client client --connect "$cs" --bytes "$BYTES" --frame "$f" || true
+                client client --connect "$cs" --bytes "$BYTES" --frame "$f" ${WAN_WINDOW:+--window "$WAN_WINDOW"} || true
             done
         } | sed -n "s/^wan /path=$path round=$r /p" | tee -a "$OUT/round$r.txt" >&2
     done
@@ -117,8 +118,11 @@ done
 # One more run on the delayed path with yamux's debug log: its round-trip estimate and
 # the largest stream window its auto-tuning reached (in yamux 0.13 a stream's window
 # starts at 256 KiB and doubles while the sender uses half of it within 2 RTTs).
-RUST_LOG=yamux=debug ip netns exec "$B" timeout 120 "$BIN/wan" client --connect "${PATHS[delay]%% *}" \
+RUST_LOG=yamux=debug,chanserv=debug ip netns exec "$B" timeout 120 "$BIN/wan" client --connect "${PATHS[delay]%% *}" \
     --bytes "$BYTES" --frame "${FRAMES[0]}" 2>"$LOG/yamux.log" >/dev/null || true
+cp "$LOG/yamux.log" "$OUT/window.log"
+CREDIT=$(awk '/source window grew/ { for (i = 1; i <= NF; i++) if ($i ~ /^window=/) { split($i, kv, "="); if (kv[2] + 0 > w) w = kv[2] + 0 } }
+    END { printf "chanserv on the delayed path: largest source window %.2f MiB\n", w / 1048576 }' "$LOG/yamux.log")
 YAMUX=$(awk '/estimated round-trip-time/ { rtt = $NF } /new window_max/ { v = $(NF - 1) + 0; if (v > w) w = v }
     END { printf "yamux on the delayed path: RTT estimate %s, largest stream window %s MiB\n",
         rtt ? rtt : "none", w ? w : "0.25 (never grown)" }' "$LOG/yamux.log")
@@ -175,4 +179,5 @@ for k, c in sorted(errors.items()):
     print(f"FAILED: path={k[0]} mode={k[1]} frame={k[2]}: {c} run(s)")
 PY
 echo "$YAMUX"
+echo "$CREDIT"
 echo "$PROXY"

@@ -180,8 +180,10 @@ impl ClientConfig {
     /// The most credit one source may grow to: how far its producer may run ahead
     /// of its consumer, in bytes. Windows start at 16 KiB and grow only while the
     /// consumer waits on the link, so this caps one source's throughput over a long
-    /// link at about `max_source_window / RTT` (16 MiB at 20 ms: 800 MiB/s). Values
-    /// are capped at 4 GiB − 1 (the wire's u32).
+    /// link at about `max_source_window / RTT` (16 MiB over a 20 ms round trip:
+    /// 430-500 MiB/s measured by `scripts/wan.sh`, 610-700 with 64 MiB). A faster
+    /// long link needs this and [`receive_budget`](Self::receive_budget) raised
+    /// together. Values are capped at 4 GiB − 1 (the wire's u32).
     #[must_use]
     pub fn max_source_window(mut self, bytes: usize) -> Self {
         self.max_source_window = bytes.min(u32::MAX as usize);

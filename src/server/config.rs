@@ -30,6 +30,25 @@ pub type MaxErrorMassFn =
 /// | `frame_write_timeout` | none |
 /// | `use_compression` | off |
 /// | `frame_size_limit` | 100 MiB |
+///
+/// # Memory
+///
+/// A server holds no frame its client has not made room for. Per source being
+/// served it holds at most 32 frames taken from the producer before the source is
+/// announced, then an 8 KiB write batch only while it has frames to write (none
+/// while it waits for its producer or for the client's credit), plus the source's
+/// task state (a few KiB); a frame larger than the batch is written from the
+/// producer's own buffer, not copied. Frames beyond the client's credit stay in the
+/// producer (a [`SourceSender`](crate::SourceSender)'s `capacity`). What the streams
+/// of one link queue in yamux beyond what the socket took is bounded by
+/// [`NodeConfig::send_queue`](crate::NodeConfig::send_queue) (4 MiB). So with `S`
+/// sources being served and `L` links, the server holds at most
+///
+/// ```text
+/// S × (8 KiB + 32 frames + task state) + L × send_queue
+/// ```
+///
+/// beyond what its producers keep.
 #[derive(Clone)]
 pub struct ServerConfig {
     pub(super) on_error: Option<ErrorFn>,

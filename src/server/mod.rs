@@ -37,8 +37,13 @@ use stats::Counters;
 pub use stats::{BlockedSource, ServiceStats};
 
 /// Frames of a source that are ready at once are sent inline with its announcement
-/// while they fit in this many bytes (and the source is complete).
+/// while they fit in this many bytes and [`INLINE_FRAMES`] (and the source is complete).
 const INLINE_BUDGET: usize = 16 * 1024;
+/// At most this many frames are taken from a source before it is announced. More
+/// would not make it inline any more often than small answers need, and cost every
+/// announced source a queue of them until its pump runs (`flood`: 1,000 sources ×
+/// 240 frames held 10 MB).
+const INLINE_FRAMES: usize = 32;
 /// Child-stream writes are batched up to this many bytes. Small batches keep what
 /// thousands of streams hold in yamux's queues and windows small; 8 KiB measured best
 /// for `flood` (64 KiB: 1.4x the memory and 15 % fewer frames/s).

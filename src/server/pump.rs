@@ -34,6 +34,9 @@ use crate::proto::chanserv::ChildPrefix;
 use crate::proto::credit::cost;
 use crate::source::{failure_reason, Event, Outcome, Source};
 
+/// Room for a frame's header (and an END or ABORT) beyond a full batch.
+const HEADER_ROOM: usize = 1024;
+
 /// A source announced on the master, whose frames go on a child stream.
 pub(super) struct Pump<M> {
     pub(super) ctx: Arc<Ctx<M>>,
@@ -90,7 +93,7 @@ impl<M: Multiplexer> Pump<M> {
         let mut child = Child {
             s,
             enc: AdaptiveEncoder::new(self.ctx.codec()),
-            wbuf: BytesMut::with_capacity(WRITE_BATCH + 1024),
+            wbuf: BytesMut::new(),
             back: Back::new(),
             timeout: self.ctx.cfg.frame_write_timeout,
             stats: self.ctx.stats.clone(),
@@ -148,6 +151,7 @@ impl<M: Multiplexer> Pump<M> {
                 Some(ev) => ev,
                 None => {
                     child.write(None).await.map_err(Stop::Gone)?;
+                    child.idle();
                     tokio::select! {
                         ev = next_event(&mut self.source) => ev,
                         e = child.gone() => return Err(Stop::Gone(e)),
@@ -258,6 +262,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Child<S> {
                     // nothing to consume: the window was what held the source back.
                     FrameCodec::encode_blocked(&mut self.wbuf);
                     self.write(None).await.map_err(Stop::Gone)?;
+                    self.idle();
                     self.wait_credit(cost(f.len())).await.map_err(Stop::Gone)?;
                 }
                 if let Some(big) = self.stage(f)? {
@@ -288,10 +293,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Child<S> {
         with_timeout(self.timeout, Timeout::FrameWrite, credit).await
     }
 
+    /// Lets go of the (written, empty) batch buffer while the pump waits for its
+    /// producer or for credit: a service with many waiting sources holds no batch
+    /// buffer for them. The next frame staged takes a new one.
+    fn idle(&mut self) {
+        debug_assert!(self.wbuf.is_empty(), "idle with a batch unwritten");
+        self.wbuf = BytesMut::new();
+    }
+
     /// Encodes one frame into the batch. `Some(big)` when the batch must be written
     /// now: it is full, or the frame is big (`big` then holds its payload, not copied).
     fn stage(&mut self, f: Bytes) -> Result<Option<Option<Bytes>>, Stop> {
         let len = f.len() as u64;
+        if self.wbuf.capacity() < HEADER_ROOM {
+            self.wbuf.reserve(WRITE_BATCH + HEADER_ROOM);
+        }
         self.back.sent += cost(f.len());
         // A frame the codec refuses (over the limit) fails the source: the client is
         // told why instead of waiting for frames that never come.

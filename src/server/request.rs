@@ -19,7 +19,9 @@ use tracing::Instrument;
 use super::halves::{self, WriteHalf};
 use super::pump::Pump;
 use super::upload::{read_master, Phase};
-use super::{panic_message, with_timeout, write_buf, Caught, Ctx, INLINE_BUDGET, WRITE_BATCH};
+use super::{
+    panic_message, with_timeout, write_buf, Caught, Ctx, INLINE_BUDGET, INLINE_FRAMES, WRITE_BATCH,
+};
 use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, HEADER_LEN};
 use crate::mux::{read_frames, Addr, Multiplexer};
@@ -304,7 +306,7 @@ fn announce<M: Multiplexer>(
     let waker = futures::task::noop_waker();
     let mut cx = Context::from_waker(&waker);
     let mut inline = !source.is_watched();
-    while size <= INLINE_BUDGET {
+    while size <= INLINE_BUDGET && ready.len() < INLINE_FRAMES {
         // A producer that panics here fails its own source only (it is not polled
         // again: the pump goes straight to its ABORT).
         let polled = std::panic::catch_unwind(AssertUnwindSafe(|| source.poll_event(&mut cx)));
