@@ -67,9 +67,10 @@
 //!   function, announces the sources), `pump` (one source's child stream, batched,
 //!   watched for the client leaving), `stats` ([`ServiceStats`]: counters and the
 //!   sources a slow consumer holds back).
-//! - `client/` — [`Client`] ([`Client::lookup_and_post`], [`Client::post_to`]):
-//!   `config` ([`ClientConfig`]), `sources` ([`Sources`]: the master stream, read when
-//!   polled), `accept` (the one accept loop that routes child streams to their
+//! - `client/` — [`Client`] ([`Client::lookup_and_post`], [`Client::post_to`],
+//!   [`Client::lookup_and_upload`]): `config` ([`ClientConfig`]), `sources`
+//!   ([`Sources`]: the master stream, read when polled, or relayed by the request's
+//!   upload task), `accept` (the one accept loop that routes child streams to their
 //!   sources), `scatter` ([`Client::scatter`]: every provider of a name, merged),
 //!   `stats` ([`ClientStats`], [`RequestStats`]: what a client and a request
 //!   received).
@@ -78,6 +79,12 @@
 //! - `source/` — [`Source`], [`SourceSender`], [`Meta`], [`Request`], [`RequestTag`]:
 //!   shared by both sides; `remote` (the reader of a child stream, which *is* the
 //!   source's `poll_next`).
+//! - `upload` — [`Upload`]: frames a client sends after its request
+//!   ([`Client::lookup_and_upload`]), read by the service with [`Request::upload`];
+//!   `server/upload` reads them off the master as the service consumes them (and
+//!   `server/halves` shares the master between it and the announcer),
+//!   `client/upload` is the task that writes them and relays the server's answers to
+//!   [`Sources`].
 //! - `error` — [`Error`], one variant per cause a caller can act on.
 //! - `typed` — with the `serde` feature: typed frames, each one value encoded with
 //!   postcard (`TypedSource`, `TypedSender`, `Source::typed`, `Source::from_typed`).
@@ -101,6 +108,47 @@
 //! - **Cancellation.** Dropping a [`Source`] or [`Sources`] resets its stream(s); the
 //!   server drops the producer.
 //! - **Bad input** is an [`Error`], never a panic or an allocation a peer can inflate.
+//!
+//! ## Uploads
+//! A request may carry a stream of frames after its body
+//! ([`Client::lookup_and_upload`]); the service takes it once with
+//! [`Request::upload`], an [`Upload`]: a `Stream` of `Result<Bytes>`, read while it
+//! answers, so an echo streams it back as it arrives.
+//! - **Backpressure both ways.** A service that does not read holds the client's
+//!   upload stream back (16 frames queued, then the master's window); a client that
+//!   stops reading an echo holds the echo back, and through it the upload.
+//! - **Completion is not failure.** The upload ends with `None` when the client's
+//!   stream ended, with `Some(Err)` when it yielded an error ([`Error::SourceFailed`])
+//!   or the client left or its link died ([`Error::Reset`], [`Error::LinkClosed`]).
+//! - **Cancellation both ways.** Dropping the [`Upload`] (or never taking it) stops the
+//!   client's upload stream at once; the request goes on. Dropping [`Sources`] drops
+//!   the upload stream and cancels the request, even one whose service holds the
+//!   upload unread.
+//!
+//! ```
+//! use chanserv::{Client, Node, Request, Server, Source};
+//! use futures::{stream, StreamExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), chanserv::Error> {
+//! let node = Node::new();
+//! // An echo: the upload, streamed back as one source while it arrives.
+//! let _echo = Server::new(node.clone()).listen_and_serve("echo", |req: Request| {
+//!     let upload = req.upload().expect("sent with an upload");
+//!     stream::iter([Source::try_new("echo", upload)])
+//! })?;
+//! let client = Client::new(node)?;
+//! let frames = stream::iter(["a", "b", "c"].map(|f| Ok::<_, chanserv::Error>(f.into())));
+//! let mut sources = client.lookup_and_upload("echo", "", &[], frames).await?;
+//! let mut echo = sources.next().await.expect("one source")?;
+//! let mut back = Vec::new();
+//! while let Some(frame) = echo.next().await {
+//!     back.push(frame?);
+//! }
+//! assert_eq!(back, ["a", "b", "c"]);
+//! assert!(sources.next().await.is_none(), "the request completed");
+//! # Ok(()) }
+//! ```
 //!
 //! ## Under faults
 //! - **A dead link ends every stream on it**, however it died (socket error,
@@ -152,6 +200,7 @@ mod source;
 mod tally;
 #[cfg(feature = "serde")]
 pub mod typed;
+mod upload;
 
 pub use proto::frame;
 
@@ -175,3 +224,4 @@ pub use server::{
 pub use source::{
     Meta, Outcome, OutcomeFuture, Request, RequestTag, Source, SourceSender, TrySendError,
 };
+pub use upload::Upload;

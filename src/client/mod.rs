@@ -11,11 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use futures::stream::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::error::{Error, Result, Timeout};
+use crate::error::{BoxError, Error, Result, Timeout};
 use crate::frame::FrameCodec;
 use crate::mux::{from_io, DialOptions, Listener, Multiplexer, NodeId};
 use crate::proto::chanserv::RequestMsg;
@@ -27,13 +28,15 @@ mod config;
 mod scatter;
 mod sources;
 mod stats;
+mod upload;
 
 pub use config::ClientConfig;
 pub use scatter::Scatter;
-use sources::MasterIo;
 pub use sources::Sources;
+use sources::{MasterIn, MasterIo};
 use stats::ClientCounters;
 pub use stats::{ClientStats, RequestStats};
+use upload::BoxUpload;
 
 /// Posts requests to services and receives their sources.
 ///
@@ -163,6 +166,72 @@ impl<M: Multiplexer> Client<M> {
         self.post_on(name, body.into(), tags, Some(node)).await
     }
 
+    /// Like [`lookup_and_post`](Self::lookup_and_post), with an upload: the frames of
+    /// `upload` follow the request on its master stream, and the service reads them
+    /// with [`Request::upload`](crate::Request::upload) while it answers (an echo can
+    /// stream them back as they come: both directions flow at once). Any
+    /// `Stream<Item = Result<Bytes, E>>` will do: a received [`Source`](crate::Source)
+    /// (a gateway forwards it as it came), or the source of
+    /// [`Source::channel`](crate::Source::channel) to push frames from elsewhere.
+    ///
+    /// - **Backpressure.** A task of the request writes the upload as fast as the
+    ///   service takes it, no faster: the service's queue (16 frames) and the master's
+    ///   window hold it back, so `upload` is polled only a bounded way ahead of the
+    ///   service, however slow the service or the client's reading of what it answers.
+    /// - **Completion is not failure.** When `upload` ends, the service's upload ends
+    ///   with `None`. An `Err` item fails it instead: the service gets
+    ///   [`Error::SourceFailed`] with the error's message (a chanserv error, such as a
+    ///   forwarded source's, as it was), and the request goes on.
+    /// - **Cancellation, service side.** A service that drops its upload before its
+    ///   end, or never takes it, stops it: `upload` is dropped at once (a channel's
+    ///   `send` fails with [`Error::Closed`]), whether or not the returned [`Sources`]
+    ///   is being polled; the request goes on.
+    /// - **Cancellation, client side.** Dropping the returned [`Sources`] cancels the
+    ///   request and drops `upload` unfinished: the service's upload fails with
+    ///   [`Error::Reset`], even while it holds it unread. A link that dies fails both
+    ///   sides: [`Sources`] yields the error, the service's upload too.
+    ///
+    /// `upload` is dropped once its end was sent, when it is stopped or cancelled as
+    /// above, or when the request ends (an ERROR from the service, say); the
+    /// [`Sources`] ends (`None`) only after the upload did. A channel's
+    /// [`flush`](crate::SourceSender::flush) and
+    /// [`finish`](crate::SourceSender::finish) report what the request's task took
+    /// from it, not what the service has read.
+    pub async fn lookup_and_upload<S, E>(
+        &self,
+        vaddr: &str,
+        body: impl Into<Bytes>,
+        tags: &[RequestTag],
+        upload: S,
+    ) -> Result<Sources>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let upload = box_upload(upload);
+        self.post_with(vaddr, body.into(), tags, None, Some(upload))
+            .await
+    }
+
+    /// Like [`lookup_and_upload`](Self::lookup_and_upload), served by the node `node`
+    /// (as [`post_to`](Self::post_to)).
+    pub async fn upload_to<S, E>(
+        &self,
+        node: NodeId,
+        name: &str,
+        body: impl Into<Bytes>,
+        tags: &[RequestTag],
+        upload: S,
+    ) -> Result<Sources>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let upload = box_upload(upload);
+        self.post_with(name, body.into(), tags, Some(node), Some(upload))
+            .await
+    }
+
     /// A snapshot of the client's counters, summed over every request it made
     /// (through any clone). Cheap: a few atomic loads.
     pub fn stats(&self) -> ClientStats {
@@ -175,6 +244,17 @@ impl<M: Multiplexer> Client<M> {
         body: Bytes,
         tags: &[RequestTag],
         node: Option<NodeId>,
+    ) -> Result<Sources> {
+        self.post_with(vaddr, body, tags, node, None).await
+    }
+
+    async fn post_with(
+        &self,
+        vaddr: &str,
+        body: Bytes,
+        tags: &[RequestTag],
+        node: Option<NodeId>,
+        upload: Option<BoxUpload>,
     ) -> Result<Sources> {
         let c = &self.inner;
         let id = c.next_req.fetch_add(1, Ordering::Relaxed);
@@ -189,6 +269,7 @@ impl<M: Multiplexer> Client<M> {
             id,
             reply: c.reply.clone(),
             tags: tags.to_vec(),
+            upload: upload.is_some(),
             body,
         };
         let codec = FrameCodec::new().with_limit(c.cfg.frame_size_limit);
@@ -207,7 +288,17 @@ impl<M: Multiplexer> Client<M> {
         // Close the masters of requests that finished since the last post, now that
         // this request's bytes are queued: the closes go out in the same packet.
         drop(std::mem::take(&mut *c.finished.lock().unwrap()));
-        Ok(Sources::new(master, buf, codec, guard, tally, tags, c))
+        let (master, upload) = match upload {
+            None => (MasterIn::Stream(Box::new(master)), None),
+            Some(up) => {
+                // The upload's task drives the master; `Sources` reads what it relays.
+                let t = c.cfg.master_write_timeout;
+                let f = c.finished.clone();
+                let (handle, rx) = upload::spawn(Box::new(master), up, codec, t, f);
+                (MasterIn::Relayed(rx), Some(handle))
+            }
+        };
+        Ok(Sources::new(master, buf, codec, guard, tally, tags, c).with_upload(upload))
     }
 
     /// Opens the request's master stream and writes the request on it.
@@ -218,7 +309,7 @@ impl<M: Multiplexer> Client<M> {
         msg: &RequestMsg,
         codec: &FrameCodec,
         buf: &mut BytesMut,
-    ) -> Result<Box<dyn MasterIo>> {
+    ) -> Result<M::Stream> {
         let c = &self.inner;
         let mut opts = DialOptions::new(c.cfg.dial_timeout);
         if let Some(b) = msg.tags.iter().find_map(|t| match t {
@@ -245,6 +336,16 @@ impl<M: Multiplexer> Client<M> {
                 .map_err(|_| Error::Timeout(Timeout::MasterWrite))?
                 .map_err(from_io)?,
         }
-        Ok(Box::new(master))
+        Ok(master)
     }
+}
+
+/// The user's upload stream, its errors made the crate's (a chanserv error, such as a
+/// forwarded source's, stays what it is).
+fn box_upload<S, E>(upload: S) -> BoxUpload
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: Into<BoxError>,
+{
+    Box::pin(upload.map(|r| r.map_err(Error::from_producer)))
 }

@@ -13,6 +13,7 @@ use futures::stream::{FusedStream, Stream, StreamExt};
 use tokio::sync::oneshot;
 
 use super::stats::{RequestStats, RequestTally};
+use super::upload::{Relayed, UploadHandle};
 use super::{ClientConfig, ClientInner, RequestGuard, Routes, Slot};
 use crate::error::{Error, Result, Timeout};
 use crate::frame::FrameCodec;
@@ -24,25 +25,40 @@ use crate::source::{
 use crate::tally::Tally;
 
 /// Finished masters kept for the next request at most; beyond, they close at once.
-const MAX_FINISHED: usize = 16;
+pub(super) const MAX_FINISHED: usize = 16;
 
 pub(super) use crate::source::Io as MasterIo;
+
+/// Where `Sources` reads the server's messages.
+pub(super) enum MasterIn {
+    /// From the master stream itself, when polled.
+    Stream(Box<dyn MasterIo>),
+    /// From the task of the request's upload, which reads the master for it (and
+    /// keeps the stream).
+    Relayed(Relayed),
+}
 
 /// The sources of one request, in the order the server announced them: a
 /// `Stream<Item = Result<Source, Error>>` ending with `None` once the server said it
 /// announced them all, or with one `Err` if the request failed.
 ///
 /// Dropping it stops the request: the master stream is reset, and sources not yet
-/// handed out are dropped (their producers with them). Sources already handed out
-/// keep flowing.
+/// handed out are dropped (their producers with them), and so is the upload, if the
+/// request has one ([`Client::lookup_and_upload`](super::Client::lookup_and_upload)):
+/// the upload stream is dropped unfinished and the service's
+/// [`Upload`](crate::Upload) fails with [`Error::Reset`]. Sources already handed out
+/// keep flowing. A request with an upload ends (`None`) only after its upload did.
 ///
 /// Once the server's end arrived, the master stream's close is held (up to 16 per
 /// client) and sent with the client's next request or when the client is dropped, so
 /// a sequence of requests costs one packet each way per request.
 #[must_use = "dropping the sources cancels the request"]
 pub struct Sources {
-    master: Option<Box<dyn MasterIo>>,
+    master: Option<MasterIn>,
     finished: Arc<Mutex<Vec<Box<dyn MasterIo>>>>,
+    /// The request's upload task, if it has one: stopped when the request ends,
+    /// cancelled when this is dropped.
+    upload: Option<UploadHandle>,
     buf: BytesMut,
     codec: FrameCodec,
     ahead: VecDeque<Source>,
@@ -69,7 +85,7 @@ impl fmt::Debug for Sources {
 
 impl Sources {
     pub(super) fn new<M>(
-        master: Box<dyn MasterIo>,
+        master: MasterIn,
         buf: BytesMut,
         codec: FrameCodec,
         guard: Arc<RequestGuard>,
@@ -80,6 +96,7 @@ impl Sources {
         Sources {
             finished: client.finished.clone(),
             master: Some(master),
+            upload: None,
             buf,
             codec,
             ahead: VecDeque::new(),
@@ -93,6 +110,11 @@ impl Sources {
             timer: None,
             done: false,
         }
+    }
+
+    pub(super) fn with_upload(mut self, upload: Option<UploadHandle>) -> Self {
+        self.upload = upload;
+        self
     }
 
     /// The next source: `None` once all were announced.
@@ -160,6 +182,9 @@ impl Sources {
             }
             MasterMsg::End => self.end = Some(None),
             MasterMsg::Error(m) => self.end = Some(Some(Error::RequestFailed(m))),
+            // The upload's task acts on it (and does not relay it); without an upload,
+            // there is nothing to stop.
+            MasterMsg::UploadStop => {}
         }
         Ok(())
     }
@@ -183,14 +208,22 @@ impl ReadAhead for Sources {
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        let Some(master) = self.master.as_mut() else {
-            return Poll::Ready(Err(Error::Reset));
+        let relayed = match self.master.as_mut() {
+            None => return Poll::Ready(Err(Error::Reset)),
+            Some(MasterIn::Stream(master)) => {
+                return match ready!(poll_read_frames(master, cx, &self.codec, &mut self.buf)) {
+                    Err(e) => Poll::Ready(Err(e)),
+                    Ok(0) => Poll::Ready(Err(Error::Reset)),
+                    Ok(_) => Poll::Ready(Ok(())),
+                };
+            }
+            Some(MasterIn::Relayed(rx)) => ready!(rx.poll_recv(cx)),
         };
-        match ready!(poll_read_frames(master, cx, &self.codec, &mut self.buf)) {
-            Err(e) => Poll::Ready(Err(e)),
-            Ok(0) => Poll::Ready(Err(Error::Reset)),
-            Ok(_) => Poll::Ready(Ok(())),
-        }
+        Poll::Ready(match relayed {
+            Some(msg) => msg.and_then(|m| self.on_message(m)),
+            // The task never goes without a last word, unless it panicked.
+            None => Err(Error::Reset),
+        })
     }
 }
 
@@ -210,11 +243,16 @@ impl Stream for Sources {
                 }
                 Ahead::End(end) => {
                     this.done = true;
+                    // The request is over: so is its upload (after END it was already).
+                    if let Some(u) = &this.upload {
+                        u.stop();
+                    }
                     this.tally.ended(end.is_some());
                     // The server closes the master after its last message; we are done
                     // too. Its close waits for the client's next request (one packet
                     // for both), unless many are waiting already.
-                    if let Some(m) = this.master.take() {
+                    // (An upload's task keeps its master and does the same.)
+                    if let Some(MasterIn::Stream(m)) = this.master.take() {
                         let mut f = this.finished.lock().unwrap();
                         if f.len() < MAX_FINISHED && end.is_none() {
                             f.push(m);

@@ -75,6 +75,20 @@ pub trait Multiplexer: Clone + Send + Sync + 'static {
         vaddr: &str,
         opts: impl Into<DialOptions>,
     ) -> impl Future<Output = Result<Self::Stream>> + Send;
+
+    /// Resolves once the peer is gone from `stream`, without reading from it: the peer
+    /// reset the stream or closed its half ([`Error::Reset`]), or the link under it
+    /// died ([`Error::LinkClosed`]), even while data it sent waits unread. Pending
+    /// otherwise, the task woken when that may have changed.
+    ///
+    /// chanserv's server polls it to see a client leave while the service holds the
+    /// client's upload unread ([`Request::upload`](crate::Request::upload)). The
+    /// default is always pending: such a client is then seen only once the service
+    /// reads what the client sent before it left.
+    fn poll_peer_gone(stream: &mut Self::Stream, cx: &mut Context<'_>) -> Poll<Error> {
+        let _ = (stream, cx);
+        Poll::Pending
+    }
 }
 
 /// A bound virtual address.

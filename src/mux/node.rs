@@ -6,6 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -359,16 +360,16 @@ impl Inner {
         vaddr: &str,
         deadline: Instant,
     ) -> Result<MuxStream> {
-        let (a, b) = tokio::io::duplex(256 * 1024);
+        let (a, b) = Io::local_pair(256 * 1024);
         let here = Addr::new(self.id, key);
-        let far = MuxStream::new(Io::Local(b), self.life.watch(), None);
+        let far = MuxStream::new(b, self.life.watch(), None);
         let send = async {
             tx.send((far, here))
                 .await
                 .map_err(|_| Error::NoSuchAddress(vaddr.to_owned()))
         };
         until(deadline, send).await?;
-        Ok(MuxStream::new(Io::Local(a), self.life.watch(), None))
+        Ok(MuxStream::new(a, self.life.watch(), None))
     }
 
     async fn dial_link(
@@ -485,6 +486,10 @@ impl Multiplexer for Node {
         let vaddr = vaddr.to_owned();
         let opts = opts.into();
         async move { inner.dial(parsed?, vaddr, opts).await }
+    }
+
+    fn poll_peer_gone(stream: &mut MuxStream, cx: &mut Context<'_>) -> Poll<Error> {
+        stream.poll_peer_gone(cx)
     }
 }
 

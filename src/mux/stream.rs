@@ -9,10 +9,13 @@
 use std::fmt;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, BytesMut};
 use futures::future::poll_fn;
+use futures::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -26,12 +29,55 @@ pub(super) type YamuxIo = tokio_util::compat::Compat<yamux::Stream>;
 
 pub(super) enum Io {
     Yamux(YamuxIo),
-    Local(tokio::io::DuplexStream),
+    Local(tokio::io::DuplexStream, LocalEnd),
 }
 
 impl Io {
     pub(super) fn yamux(s: yamux::Stream) -> Io {
         Io::Yamux(tokio_util::compat::FuturesAsyncReadCompatExt::compat(s))
+    }
+
+    /// The two ends of a stream within a node: an in-memory pipe of `capacity` bytes.
+    pub(super) fn local_pair(capacity: usize) -> (Io, Io) {
+        let (a, b) = tokio::io::duplex(capacity);
+        let (da, db) = (Arc::new(Dropped::default()), Arc::new(Dropped::default()));
+        let ea = LocalEnd {
+            mine: da.clone(),
+            peer: db.clone(),
+        };
+        let eb = LocalEnd { mine: db, peer: da };
+        (Io::Local(a, ea), Io::Local(b, eb))
+    }
+}
+
+/// Set when one end of a local pipe is dropped. The pipe's reader learns that only
+/// after reading all that is buffered; [`MuxStream::poll_peer_gone`] must not read.
+#[derive(Default)]
+struct Dropped {
+    flag: AtomicBool,
+    waker: AtomicWaker,
+}
+
+/// What one end of a local pipe knows of the ends' lives.
+pub(super) struct LocalEnd {
+    mine: Arc<Dropped>,
+    peer: Arc<Dropped>,
+}
+
+impl LocalEnd {
+    fn poll_peer_dropped(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.peer.waker.register(cx.waker());
+        match self.peer.flag.load(Ordering::Acquire) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for LocalEnd {
+    fn drop(&mut self) {
+        self.mine.flag.store(true, Ordering::Release);
+        self.mine.waker.wake();
     }
 }
 
@@ -59,7 +105,7 @@ pub struct MuxStream {
 impl fmt::Debug for MuxStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MuxStream")
-            .field("local", &matches!(self.io, Io::Local(_)))
+            .field("local", &matches!(self.io, Io::Local(..)))
             .finish()
     }
 }
@@ -118,6 +164,25 @@ impl MuxStream {
         r
     }
 
+    /// Ready once the peer is gone from the stream, without reading: it reset the
+    /// stream or closed its half (a stream within a node: dropped its end), or the link
+    /// died. Data it sent before may still wait unread. See
+    /// [`Multiplexer::poll_peer_gone`](super::Multiplexer::poll_peer_gone).
+    pub(crate) fn poll_peer_gone(&mut self, cx: &mut Context<'_>) -> Poll<Error> {
+        let r = match &mut self.io {
+            // An empty read: yamux answers at once when the stream can be read no more
+            // (whatever is buffered), else it parks the task for the stream's next news.
+            Io::Yamux(s) => Pin::new(s).poll_read(cx, &mut ReadBuf::new(&mut [])),
+            // A pipe answers an empty read at once: it cannot tell.
+            Io::Local(_, end) => end.poll_peer_dropped(cx).map(Ok),
+        };
+        match self.unless_dead(Half::Read, cx, r) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(Error::Reset),
+            Poll::Ready(Err(e)) => Poll::Ready(from_io(e)),
+        }
+    }
+
     fn poll_status(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.status_pending {
             return Poll::Ready(Ok(()));
@@ -143,7 +208,7 @@ impl MuxStream {
     ) -> Poll<io::Result<()>> {
         match &mut self.io {
             Io::Yamux(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Local(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Local(s, _) => Pin::new(s).poll_read(cx, buf),
         }
     }
 
@@ -158,7 +223,7 @@ impl MuxStream {
                 }
                 None => Pin::new(s).poll_write(cx, buf),
             },
-            Io::Local(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Local(s, _) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -173,7 +238,7 @@ impl MuxStream {
         h.extend_from_slice(&first[..take]);
         let r = match &mut self.io {
             Io::Yamux(s) => Pin::new(s).poll_write(cx, h),
-            Io::Local(s) => Pin::new(s).poll_write(cx, h),
+            Io::Local(s, _) => Pin::new(s).poll_write(cx, h),
         };
         h.truncate(hlen);
         let n = ready!(r)?;
@@ -222,8 +287,8 @@ impl MuxStream {
         match (&mut self.io, shutdown) {
             (Io::Yamux(s), false) => Pin::new(s).poll_flush(cx),
             (Io::Yamux(s), true) => Pin::new(s).poll_shutdown(cx),
-            (Io::Local(s), false) => Pin::new(s).poll_flush(cx),
-            (Io::Local(s), true) => Pin::new(s).poll_shutdown(cx),
+            (Io::Local(s, _), false) => Pin::new(s).poll_flush(cx),
+            (Io::Local(s, _), true) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

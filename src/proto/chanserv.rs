@@ -1,7 +1,8 @@
 //! The chanserv messages of the master and child streams (`PROTOCOL.md`, "chanserv"):
 //! the request, the server's messages on the master, the prefix of a child stream.
 //! Pure encoding and decoding; both sides use it, neither owns it. A child stream's
-//! frames and its END/ABORT words are the frame codec's ([`super::frame`]).
+//! frames and its END/ABORT words, like an upload's, are the frame codec's
+//! ([`super::frame`]).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -14,9 +15,12 @@ const MSG_ANNOUNCE: u8 = 2;
 const MSG_INLINE: u8 = 3;
 const MSG_END: u8 = 4;
 const MSG_ERROR: u8 = 5;
+const MSG_UPLOAD_STOP: u8 = 6;
 
 const TAG_META: u8 = 0;
 const TAG_BUCKET: u8 = 1;
+/// An upload follows the request on the master; its value is empty.
+const TAG_UPLOAD: u8 = 2;
 
 /// Master messages have no limit of their own on the sending side: the most a frame
 /// header can say. (The client applies its frame size limit when it reads them.)
@@ -42,6 +46,8 @@ pub(crate) struct RequestMsg {
     pub id: u64,
     pub reply: String,
     pub tags: Vec<RequestTag>,
+    /// An upload follows the request frame (sent as an UPLOAD tag, after `tags`).
+    pub upload: bool,
     pub body: Bytes,
 }
 
@@ -53,9 +59,9 @@ impl RequestMsg {
     pub fn encode(&self, limit: usize, dst: &mut BytesMut) -> Result<()> {
         let reply_len = u8::try_from(self.reply.len())
             .map_err(|_| Error::Misuse("reply address over 255 bytes"))?;
-        let ntags =
-            u16::try_from(self.tags.len()).map_err(|_| Error::Misuse("more than 65,535 tags"))?;
-        let mut len = 8 + 1 + self.reply.len() + 2 + self.body.len();
+        let ntags = u16::try_from(self.tags.len() + usize::from(self.upload))
+            .map_err(|_| Error::Misuse("more than 65,535 tags"))?;
+        let mut len = 8 + 1 + self.reply.len() + 2 + self.body.len() + 3 * usize::from(self.upload);
         for t in &self.tags {
             let v = tag_value(t);
             u16::try_from(v.len()).map_err(|_| Error::Misuse("a tag over 64 KiB"))?;
@@ -76,6 +82,10 @@ impl RequestMsg {
             dst.put_u16_le(v.len() as u16); // checked above
             dst.put_slice(v.as_bytes());
         }
+        if self.upload {
+            dst.put_u8(TAG_UPLOAD);
+            dst.put_u16_le(0);
+        }
         dst.put_slice(&self.body);
         Ok(())
     }
@@ -93,6 +103,7 @@ impl RequestMsg {
         }
         let ntags = b.get_u16_le();
         let mut tags = Vec::with_capacity(usize::from(ntags).min(b.remaining() / 3));
+        let mut upload = false;
         for _ in 0..ntags {
             if b.remaining() < 3 {
                 return short("request tag");
@@ -103,6 +114,11 @@ impl RequestMsg {
             tags.push(match kind {
                 TAG_META => RequestTag::Meta(v),
                 TAG_BUCKET => RequestTag::Bucket(v),
+                // Its value says nothing (empty when we send it).
+                TAG_UPLOAD => {
+                    upload = true;
+                    continue;
+                }
                 k => return Err(Error::Protocol(format!("unknown tag kind {k}"))),
             });
         }
@@ -110,6 +126,7 @@ impl RequestMsg {
             id,
             reply,
             tags,
+            upload,
             body: b,
         })
     }
@@ -140,6 +157,7 @@ pub(crate) enum MasterMsg {
     },
     End,
     Error(String),
+    UploadStop,
 }
 
 /// The encoders take borrowed parts, so the server writes a source's header and
@@ -163,6 +181,10 @@ impl MasterMsg {
                 Ok(())
             }
             MasterMsg::Error(reason) => Self::encode_error(reason, dst),
+            MasterMsg::UploadStop => {
+                Self::encode_upload_stop(dst);
+                Ok(())
+            }
         }
     }
 
@@ -219,6 +241,13 @@ impl MasterMsg {
         Ok(())
     }
 
+    /// UPLOAD_STOP: the service does not read the request's upload (any more); the
+    /// server discards what comes until the upload's END or ABORT.
+    pub fn encode_upload_stop(dst: &mut BytesMut) {
+        put_frame_header(dst, 1, NO_LIMIT).expect("1 byte fits");
+        dst.put_u8(MSG_UPLOAD_STOP);
+    }
+
     /// Decodes a master frame's body. An ERROR's reason is read as lossy UTF-8.
     pub fn decode(mut b: Bytes) -> Result<Self> {
         if b.is_empty() {
@@ -254,6 +283,7 @@ impl MasterMsg {
             }
             MSG_END => Ok(MasterMsg::End),
             MSG_ERROR => Ok(MasterMsg::Error(String::from_utf8_lossy(&b).into_owned())),
+            MSG_UPLOAD_STOP => Ok(MasterMsg::UploadStop),
             k @ (MSG_ACCEPT | MSG_ANNOUNCE | MSG_INLINE) => short(&format!("master message {k}")),
             k => Err(Error::Protocol(format!("unknown master message {k}"))),
         }
@@ -325,6 +355,7 @@ mod tests {
                 }),
             Just(MasterMsg::End),
             ".{0,40}".prop_map(MasterMsg::Error),
+            Just(MasterMsg::UploadStop),
         ]
     }
 
@@ -334,11 +365,12 @@ mod tests {
             id: u64,
             reply in "[a-f0-9:]{0,40}",
             metas in proptest::collection::vec(".{0,20}", 0..4),
+            upload: bool,
             body in bytes(256),
         ) {
             let mut tags: Vec<RequestTag> = metas.into_iter().map(RequestTag::Meta).collect();
             tags.push(RequestTag::Bucket("b".into()));
-            let m = RequestMsg { id, reply, tags, body };
+            let m = RequestMsg { id, reply, tags, upload, body };
             let mut wire = BytesMut::new();
             m.encode(NO_LIMIT, &mut wire).unwrap();
             prop_assert_eq!(RequestMsg::decode(frame_body(wire)).unwrap(), m);
@@ -380,6 +412,7 @@ mod tests {
         MasterMsg::encode_inline(9, b"h", [&b""[..], b"xy"], &mut b).unwrap();
         MasterMsg::encode_end(&mut b);
         MasterMsg::encode_error("no", &mut b).unwrap();
+        MasterMsg::encode_upload_stop(&mut b);
         ChildPrefix {
             request: 5,
             source: 6,
@@ -392,6 +425,7 @@ mod tests {
             20, 0, 0, 0, 3, 9, 0, 0, 0, 1, 0, 0, 0, b'h', 0, 0, 0, 0, 2, 0, 0, 0, b'x', b'y',
             1, 0, 0, 0, 4,
             3, 0, 0, 0, 5, b'n', b'o',
+            1, 0, 0, 0, 6,
             5, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0,
         ];
         assert_eq!(&b[..], want);
@@ -399,6 +433,7 @@ mod tests {
             id: 1,
             reply: "r".into(),
             tags: vec![RequestTag::Bucket("k".into())],
+            upload: false,
             body: Bytes::from_static(b"B"),
         };
         let mut b = BytesMut::new();
@@ -409,6 +444,20 @@ mod tests {
             1, 0, 0, 0, 0, 0, 0, 0, 1, b'r', 1, 0, 1, 1, 0, b'k', b'B',
         ];
         assert_eq!(&b[..], want);
+        // With an upload: one more tag, kind 2, empty, after the others.
+        let mut b = BytesMut::new();
+        RequestMsg {
+            upload: true,
+            ..req
+        }
+        .encode(NO_LIMIT, &mut b)
+        .unwrap();
+        #[rustfmt::skip]
+        let want: &[u8] = &[
+            20, 0, 0, 0,
+            1, 0, 0, 0, 0, 0, 0, 0, 1, b'r', 2, 0, 1, 1, 0, b'k', 2, 0, 0, b'B',
+        ];
+        assert_eq!(&b[..], want);
     }
 
     #[test]
@@ -417,6 +466,7 @@ mod tests {
             id: 1,
             reply: String::new(),
             tags: vec![],
+            upload: false,
             body: Bytes::from(vec![0; 100]),
         };
         let mut b = BytesMut::new();

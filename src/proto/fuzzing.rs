@@ -12,9 +12,10 @@ use super::link::{Control, Handshake, Open, Partial, Status, HANDSHAKE_LEN};
 /// How many decoders [`decode_all`] feeds.
 pub const DECODERS: usize = 9;
 
-/// Feeds `data` to every decoder of the protocol: a request, a master message, a
-/// child-stream prefix, a handshake, an open header (whole and byte by byte, as it
-/// is read), a status byte, a control message, the items of a chanserv stream, and
+/// Feeds `data` to every decoder of the protocol: a request (its UPLOAD tag included),
+/// a master message (UPLOAD_STOP included), a child-stream prefix, a handshake, an
+/// open header (whole and byte by byte, as it is read), a status byte, a control
+/// message, the items of a chanserv stream (a child stream's, or an upload's), and
 /// the credit messages a client writes on a child stream.
 /// Whatever decodes must encode back to what was decoded. Returns how many decoded
 /// (at most [`DECODERS`]); a decoder that panics fails the fuzz target.
@@ -127,7 +128,8 @@ fn control(b: Bytes) -> bool {
     true
 }
 
-/// The items of a chanserv stream (frames, END, ABORT), as a child stream is read.
+/// The items of a chanserv stream (frames, END, ABORT, markers), as a child stream or
+/// an upload is read.
 fn chanserv_stream(data: &[u8]) -> bool {
     let codec = FrameCodec::new().with_limit(1 << 20);
     let mut buf = BytesMut::from(data);

@@ -25,9 +25,11 @@ use crate::source::{Request, Source};
 
 mod config;
 mod credit;
+mod halves;
 mod pump;
 mod request;
 mod stats;
+mod upload;
 
 pub use config::{MaxErrorMassFn, ServerConfig};
 use request::serve_request;

@@ -1,6 +1,7 @@
 //! One request, server side: read it, run the source function, announce its
 //! sources on the master (inline when small and complete), and drive the pumps of the
-//! others in the same task.
+//! others in the same task. The master's read side (the upload, the client leaving)
+//! is `upload.rs`'s.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -10,19 +11,23 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use futures::stream::{Stream, StreamExt};
 use futures::FutureExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::halves::{self, WriteHalf};
 use super::pump::Pump;
+use super::upload::{read_master, Phase};
 use super::{
     panic_message, with_timeout, write_buf, Caught, Ctx, INLINE_BUDGET, INLINE_FRAMES, WRITE_BATCH,
 };
 use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, HEADER_LEN};
-use crate::mux::{from_io, read_frames, Addr, Multiplexer};
+use crate::mux::{read_frames, Addr, Multiplexer};
 use crate::proto::chanserv::{MasterMsg, RequestMsg};
 use crate::source::{Event, Meta, Request, Source};
+use crate::upload::{Upload, UploadSlot};
 
 type PumpFuture = futures::future::BoxFuture<'static, Result<()>>;
 
@@ -63,7 +68,8 @@ pub(super) async fn serve_request<M: Multiplexer>(
 }
 
 /// Reads the request, runs the source function and announces its sources; the pumps
-/// of announced sources go to `pumps`.
+/// of announced sources go to `pumps`. All along, the master's read side is read too:
+/// the request's upload, then a watch for the client leaving, which cancels the request.
 async fn announce_sources<M: Multiplexer>(
     ctx: &Arc<Ctx<M>>,
     mut master: M::Stream,
@@ -71,7 +77,7 @@ async fn announce_sources<M: Multiplexer>(
     pumps: tokio::sync::mpsc::UnboundedSender<PumpFuture>,
 ) -> Result<()> {
     let codec = ctx.codec();
-    let req = with_timeout(ctx.cfg.master_read_timeout, Timeout::MasterRead, async {
+    let (req, rest) = with_timeout(ctx.cfg.master_read_timeout, Timeout::MasterRead, async {
         read_request(&mut master, &codec)
             .await
             .map_err(std::io::Error::other)
@@ -82,19 +88,55 @@ async fn announce_sources<M: Multiplexer>(
     tracing::Span::current()
         .record("request", req.id)
         .record("reply", tracing::field::display(&req.reply));
-    tracing::debug!(body_len = req.body.len(), "request read");
+    tracing::debug!(
+        body_len = req.body.len(),
+        upload = req.upload,
+        "request read"
+    );
+    let (feed, upload) = match req.upload {
+        true => {
+            let (feed, upload) = Upload::channel();
+            (Some(feed), UploadSlot::new(upload))
+        }
+        false => (None, UploadSlot::default()),
+    };
+    let (phase, upload_phase) = watch::channel(match feed {
+        Some(_) => Phase::Running,
+        None => Phase::Ended,
+    });
     let request = Request {
         body: req.body.clone(),
         meta: Meta {
             remote_addr: Some(from),
             tags: req.tags.clone(),
         },
+        upload,
     };
-    let mut master = Master {
+    let (rd, wr) = halves::split(master, M::poll_peer_gone);
+    let master = Master {
         ctx,
-        s: master,
+        s: wr,
         wbuf: BytesMut::new(),
+        upload: upload_phase,
+        stop_said: false,
     };
+    // The announcer first: it writes before it first waits, so the stream's accepted
+    // status leaves with ACCEPT (one yamux frame), not alone when the reader waits.
+    tokio::select! {
+        biased;
+        r = announce_all(ctx, master, request, &req, pumps) => r,
+        e = read_master(rd, rest, codec, feed, phase) => Err(e),
+    }
+}
+
+/// Runs the source function and announces its sources, then says END.
+async fn announce_all<M: Multiplexer>(
+    ctx: &Arc<Ctx<M>>,
+    mut master: Master<'_, M>,
+    request: Request,
+    req: &RequestMsg,
+    pumps: tokio::sync::mpsc::UnboundedSender<PumpFuture>,
+) -> Result<()> {
     MasterMsg::encode_accept(ctx.node, &mut master.wbuf);
     let sources = std::panic::catch_unwind(AssertUnwindSafe(|| (ctx.source_fn)(request)));
     let mut sources = match sources {
@@ -118,7 +160,7 @@ async fn announce_sources<M: Multiplexer>(
         next_id = next_id
             .checked_add(1)
             .ok_or_else(|| Error::SourceFunc("more than 2^32 sources in one request".into()))?;
-        if let Some(pump) = announce(ctx, source, id, &req, &mut master.wbuf)? {
+        if let Some(pump) = announce(ctx, source, id, req, &mut master.wbuf)? {
             // The receiver lives as long as this request's task.
             drop(pumps.send(pump));
         }
@@ -126,7 +168,10 @@ async fn announce_sources<M: Multiplexer>(
             master.write().await?;
         }
     }
-    master.end().await
+    // The source function is done: drop it (and the upload, if it holds it untaken)
+    // before waiting for the upload's end.
+    drop(sources);
+    master.end(serving_deadline).await
 }
 
 /// The serving and sourcing deadlines, whichever comes first, and which one it is.
@@ -150,22 +195,32 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// The server's side of a master stream: the stream and its write batch.
+/// The server's side of a master stream: its write half and write batch, and where
+/// the request's upload is (the read half is `upload::read_master`'s).
 struct Master<'a, M: Multiplexer> {
     ctx: &'a Ctx<M>,
-    s: M::Stream,
+    s: WriteHalf<M::Stream>,
     wbuf: BytesMut,
+    upload: watch::Receiver<Phase>,
+    /// UPLOAD_STOP went into the write batch.
+    stop_said: bool,
 }
 
 impl<M: Multiplexer> Master<'_, M> {
+    /// Writes the batch, with UPLOAD_STOP first if the service let go of the upload.
     async fn write(&mut self) -> Result<()> {
+        if !self.stop_said && *self.upload.borrow() == Phase::StopWanted {
+            MasterMsg::encode_upload_stop(&mut self.wbuf);
+            self.stop_said = true;
+        }
         let t = self.ctx.cfg.master_write_timeout;
         write_buf(&mut self.s, &mut self.wbuf, t, Timeout::MasterWrite).await
     }
 
     /// Waits for the source function's next item, once what was announced so far is
-    /// written. Ends the request early when the client leaves, the service shuts down
-    /// or the serving or sourcing timeout passes (that one is told to the client).
+    /// written. Ends the request early when the service shuts down or the serving or
+    /// sourcing timeout passes (that one is told to the client); a client that leaves
+    /// ends it through `read_master`.
     async fn next_source<S: Stream + Unpin>(
         &mut self,
         sources: &mut S,
@@ -174,21 +229,37 @@ impl<M: Multiplexer> Master<'_, M> {
         self.write().await?;
         let sourcing = self.ctx.cfg.sourcing_timeout.map(|t| Instant::now() + t);
         let deadline = first_deadline(serving_deadline, sourcing);
-        // A read on the master returns only when the client is gone (it never writes
-        // or closes its half): that cancels the request.
-        let mut probe = [0u8; 1];
-        tokio::select! {
-            item = sources.next() => Ok(item),
-            _ = self.ctx.cancel.cancelled() => Err(Error::Closed),
-            r = self.s.read(&mut probe) => Err(r.map_or_else(from_io, |_| Error::Reset)),
-            _ = sleep_until(deadline.map(|d| d.0)) => {
-                self.fail(Error::Timeout(deadline.expect("armed").1)).await
+        loop {
+            tokio::select! {
+                item = sources.next() => return Ok(item),
+                _ = self.ctx.cancel.cancelled() => return Err(Error::Closed),
+                _ = stop_wanted(&mut self.upload), if !self.stop_said => self.write().await?,
+                _ = sleep_until(deadline.map(|d| d.0)) => {
+                    return self.fail(Error::Timeout(deadline.expect("armed").1)).await
+                }
             }
         }
     }
 
-    /// Says END and closes the master.
-    async fn end(mut self) -> Result<()> {
+    /// Says END and closes the master, once the upload (if any) ended: END is the
+    /// server's last word, so the client's `Sources` outlives its upload.
+    async fn end(mut self, serving_deadline: Option<Instant>) -> Result<()> {
+        loop {
+            if *self.upload.borrow_and_update() == Phase::Ended {
+                break;
+            }
+            self.write().await?;
+            tokio::select! {
+                r = self.upload.changed() => if r.is_err() {
+                    // The reader is gone, and with it this request (see announce_sources).
+                    std::future::pending::<()>().await;
+                },
+                _ = self.ctx.cancel.cancelled() => return Err(Error::Closed),
+                _ = sleep_until(serving_deadline) => {
+                    return self.fail(Error::Timeout(Timeout::Serving)).await
+                }
+            }
+        }
         MasterMsg::encode_end(&mut self.wbuf);
         self.write().await?;
         // Everything was said; a client that is gone by now lost nothing.
@@ -208,6 +279,13 @@ impl<M: Multiplexer> Master<'_, M> {
             drop(self.s.shutdown().await);
         }
         Err(e)
+    }
+}
+
+/// Resolves when the service let go of the upload before its end (never otherwise).
+async fn stop_wanted(phase: &mut watch::Receiver<Phase>) {
+    if phase.wait_for(|p| *p == Phase::StopWanted).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -285,11 +363,16 @@ fn announce<M: Multiplexer>(
     Ok(Some(Box::pin(pump.run().instrument(span))))
 }
 
-async fn read_request<R: AsyncRead + Unpin>(r: &mut R, codec: &FrameCodec) -> Result<RequestMsg> {
+/// Reads the request frame; what was read beyond it (the start of an upload) comes
+/// back with it.
+async fn read_request<R: AsyncRead + Unpin>(
+    r: &mut R,
+    codec: &FrameCodec,
+) -> Result<(RequestMsg, BytesMut)> {
     let mut buf = BytesMut::new();
     loop {
         if let Some(f) = codec.decode(&mut buf)? {
-            return RequestMsg::decode(f);
+            return Ok((RequestMsg::decode(f)?, buf));
         }
         if read_frames(r, codec, &mut buf).await? == 0 {
             codec.check_eof(&buf)?;

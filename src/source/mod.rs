@@ -61,18 +61,51 @@ impl Meta {
 }
 
 /// A request as the source function sees it.
+///
+/// Clones share the request's upload (see [`upload`](Request::upload)).
 #[derive(Debug, Clone)]
 pub struct Request {
     /// The body the client posted.
     pub body: Bytes,
     /// The caller's address and tags.
     pub meta: Meta,
+    /// The upload that came after the body, until the service takes it.
+    pub(crate) upload: crate::upload::UploadSlot,
 }
 
 impl Request {
+    /// A request with `body`, and no tags, caller or upload: for calling a source
+    /// function directly (a test, a caller in the same process).
+    pub fn new(body: impl Into<Bytes>) -> Self {
+        Request {
+            body: body.into(),
+            meta: Meta::default(),
+            upload: Default::default(),
+        }
+    }
+
     /// The request's tags.
     pub fn tags(&self) -> &[RequestTag] {
         &self.meta.tags
+    }
+
+    /// The frames the client sent after the body
+    /// ([`Client::lookup_and_upload`](crate::Client::lookup_and_upload)), handed out
+    /// once: `None` when the request came without an upload or it was taken already
+    /// (by this request or a clone). [`Upload`](crate::Upload) says how it ends and
+    /// what dropping it does.
+    ///
+    /// An upload nobody takes is stopped (the client is told, and stops sending) when
+    /// the last clone of the request is dropped; until then it holds the client's
+    /// upload back, and the request does not end (END waits for the upload's end).
+    pub fn upload(&self) -> Option<crate::upload::Upload> {
+        self.upload.take()
+    }
+
+    /// True when the client sent an upload with the request, whether it was taken
+    /// already or not.
+    pub fn has_upload(&self) -> bool {
+        self.upload.exists()
     }
 }
 
