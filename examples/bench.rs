@@ -188,7 +188,7 @@ fn main() -> ExitCode {
         return run_all();
     }
     if args.workload == "relay-node" {
-        return match relay::serve(&runtime(1), vm_hwm_mib) {
+        return match relay::serve(&runtime(2), vm_hwm_mib, cpu_secs) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("relay-node: {e}");
@@ -346,7 +346,7 @@ fn run(a: &Args) -> Result<String, String> {
     };
     drop(server_node);
     match relay_node {
-        Some(r) => Ok(format!("{line} relay_rss_mib={:.1}", r.finish()?)),
+        Some(r) => Ok(format!("{line} {}", r.finish()?)),
         None => Ok(line),
     }
 }

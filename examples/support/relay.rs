@@ -1,7 +1,7 @@
 //! `bench --relay`: the relay node in a process of its own, so its peak RSS is its
 //! own. The bench runs itself as `bench relay-node`, which listens on loopback,
 //! prints `listening <addr>`, relays until its stdin closes, then prints
-//! `rss_mib=<peak RSS>` and exits.
+//! `rss_mib=<peak RSS> cpu_s=<CPU seconds used>` and exits.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -9,8 +9,13 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use chanserv::Node;
 
-/// Runs as the relay node (the `relay-node` workload).
-pub fn serve(rt: &tokio::runtime::Runtime, vm_hwm_mib: fn() -> f64) -> Result<(), String> {
+/// Runs as the relay node (the `relay-node` workload) on `rt` (the bench gives it 2
+/// workers, as the direct run's shared runtime has).
+pub fn serve(
+    rt: &tokio::runtime::Runtime,
+    vm_hwm_mib: fn() -> f64,
+    cpu_secs: fn() -> f64,
+) -> Result<(), String> {
     let node = Node::new();
     let addr = rt
         .block_on(node.listen("127.0.0.1:0"))
@@ -21,7 +26,7 @@ pub fn serve(rt: &tokio::runtime::Runtime, vm_hwm_mib: fn() -> f64) -> Result<()
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
     drop(node);
-    println!("rss_mib={:.1}", vm_hwm_mib());
+    println!("rss_mib={:.1} cpu_s={:.2}", vm_hwm_mib(), cpu_secs());
     Ok(())
 }
 
@@ -61,8 +66,9 @@ impl Relay {
         })
     }
 
-    /// Stops the relay: its peak RSS in MiB.
-    pub fn finish(mut self) -> Result<f64, String> {
+    /// Stops the relay: its peak RSS in MiB and the CPU seconds it used, as
+    /// `relay_rss_mib=… relay_cpu_s=…`.
+    pub fn finish(mut self) -> Result<String, String> {
         drop(self.stdin.take());
         let mut line = String::new();
         self.stdout
@@ -70,9 +76,12 @@ impl Relay {
             .map_err(|e| e.to_string())?;
         // Its exit status says nothing the line did not.
         let _ = self.child.wait();
-        line.trim()
-            .strip_prefix("rss_mib=")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("relay said {line:?}"))
+        match line.trim().strip_prefix("rss_mib=") {
+            Some(rest) => Ok(format!(
+                "relay_rss_mib={}",
+                rest.replace("cpu_s", "relay_cpu_s")
+            )),
+            None => Err(format!("relay said {line:?}")),
+        }
     }
 }
