@@ -108,6 +108,47 @@ async fn a_client_is_served_through_a_relay_every_byte_checked() {
 }
 
 #[tokio::test]
+async fn completion_stays_distinct_from_failure_across_three_relays() {
+    // A - B - C - D - E: the client at A, the service at E, four hops.
+    let nodes: Vec<Node> = (0..5).map(|_| node()).collect();
+    for w in nodes.windows(2) {
+        // The links live on without their fault handles.
+        link(&w[0], &w[1]).await;
+    }
+    let (a, e) = (&nodes[0], &nodes[4]);
+    let _svc = Server::new(e.clone())
+        .listen_and_serve("far", |_| {
+            let bad = std::io::Error::other("disk on fire");
+            let failing = stream::iter([Ok(Bytes::from_static(b"x")), Err(bad)]);
+            stream::iter([
+                Source::try_new("bad", failing),
+                Source::new("good", numbered(200, 64 * 1024)),
+            ])
+        })
+        .unwrap();
+    a.wait_for_name("far", T).await.unwrap();
+    assert_eq!(a.services()["far"][0].hops, 4);
+    let client = Client::new(a.clone()).unwrap();
+    let mut sources = client.lookup_and_post("far", "", &[]).await.unwrap();
+    let mut bad = sources.next().await.unwrap().unwrap();
+    let mut good = sources.next().await.unwrap().unwrap();
+    assert!(sources.next().await.is_none(), "the request completes");
+    assert_eq!(bad.next().await.unwrap().unwrap(), "x");
+    let err = bad.next().await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, Error::SourceFailed(m) if m == "disk on fire"),
+        "{err:?}"
+    );
+    assert!(bad.next().await.is_none());
+    let want: Vec<Bytes> = numbered(200, 64 * 1024).collect().await;
+    let mut got = Vec::new();
+    while let Some(f) = good.next().await {
+        got.push(f.expect("completes, not cut"));
+    }
+    assert!(got == want, "{} frames, not as sent", got.len());
+}
+
+#[tokio::test]
 async fn dial_by_node_port_and_on_node_crosses_the_relay_with_fin_both_ways() {
     let (a, _b, c, _ab, _bc) = chain().await;
     let mut port = c.bind(":0").unwrap();
