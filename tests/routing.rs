@@ -454,6 +454,42 @@ async fn a_five_node_mesh_reaches_every_name_and_survives_cuts_without_loops() {
     }
 }
 
+/// The next `Names` event, skipping link events.
+async fn next_names(events: &mut chanserv::LinkEvents) -> (NodeId, Vec<String>, Vec<String>) {
+    loop {
+        match timeout(T, events.recv()).await.unwrap().unwrap() {
+            LinkEvent::Names {
+                node,
+                added,
+                removed,
+                ..
+            } => return (node, added, removed),
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn names_appearing_and_disappearing_two_hops_away_are_events() {
+    let (a, b, c, _ab, bc) = chain().await;
+    let mut events = a.subscribe();
+    let svc = || vec!["svc".to_string()];
+    let l = c.bind("svc").unwrap();
+    assert_eq!(next_names(&mut events).await, (c.id(), svc(), vec![]));
+    drop(l);
+    assert_eq!(next_names(&mut events).await, (c.id(), vec![], svc()));
+    let _l = c.bind("svc").unwrap();
+    assert_eq!(next_names(&mut events).await, (c.id(), svc(), vec![]));
+    // C becomes unreachable: its names go, B's link to A stays.
+    bc.cut();
+    assert_eq!(next_names(&mut events).await, (c.id(), vec![], svc()));
+    assert!(a.providers("svc").is_empty());
+    assert_eq!(
+        a.routes().iter().map(|r| r.node).collect::<Vec<_>>(),
+        [b.id()]
+    );
+}
+
 #[tokio::test]
 async fn names_of_another_environment_stay_invisible_but_relay_works() {
     let (a, b, c) = (node_in("prod"), node_in("staging"), node_in("prod"));
@@ -466,13 +502,8 @@ async fn names_of_another_environment_stay_invisible_but_relay_works() {
     a.wait_for_name("svc", T).await.unwrap();
     assert_eq!(a.providers("svc"), [c.id()]);
     assert!(b.providers("svc") == [b.id()], "B sees only its own");
-    let named = loop {
-        match timeout(T, events.recv()).await.unwrap().unwrap() {
-            LinkEvent::Names { node, added, .. } => break (node, added),
-            _ => continue,
-        }
-    };
-    assert_eq!(named, (c.id(), vec!["svc".to_string()]));
+    let named = next_names(&mut events).await;
+    assert_eq!(named, (c.id(), vec!["svc".to_string()], vec![]));
     let routes = a.routes();
     let to_b = routes.iter().find(|r| r.node == b.id()).unwrap();
     assert!(to_b.names.is_empty() && to_b.environment == "staging");
