@@ -240,12 +240,16 @@ async fn a_stalled_consumer_at_a_bounds_what_c_produces_and_b_holds() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let after = polled.load(Ordering::Relaxed);
     assert!(after < bound, "{after}");
-    // What B holds for it is bounded by the same: its links carry few bytes now.
-    let queued: u64 = b.stats().links.iter().map(|l| l.bytes_in).sum();
+    // What B holds: the bytes it took from C and has not passed on to A.
+    let st = b.stats();
+    let on = |peer: NodeId| st.links.iter().find(|l| l.peer == peer).unwrap().clone();
+    let (from_c, to_a) = (on(c.id()).bytes_in, on(a.id()).bytes_out);
     assert!(
-        queued > 20_000_000,
-        "B relayed the flowing source ({queued} bytes in)"
+        from_c > 20_000_000,
+        "B relayed the flowing source ({from_c} bytes)"
     );
+    let held = from_c.saturating_sub(to_a);
+    assert!(held < 1 << 20, "B holds {held} bytes of a stalled source");
 }
 
 #[tokio::test]
