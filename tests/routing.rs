@@ -29,7 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
 
 const T: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(1500);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn node() -> Node {
     node_in("")
@@ -37,7 +37,7 @@ fn node() -> Node {
 
 fn node_in(env: &str) -> Node {
     let cfg = NodeConfig::default()
-        .keepalive(Duration::from_millis(300), KEEPALIVE_TIMEOUT)
+        .keepalive(Duration::from_millis(500), KEEPALIVE_TIMEOUT)
         .close_timeout(Duration::from_millis(300))
         .environment(env);
     Node::with_config(cfg)
