@@ -10,7 +10,7 @@ use futures::{stream, StreamExt};
 
 #[path = "support/counted.rs"]
 mod counted;
-use counted::Counted;
+use counted::{stalled_and_flowing, Counted};
 
 async fn pair() -> (Node, Node) {
     let a = Node::new();
@@ -130,15 +130,7 @@ async fn backpressure_bounds_a_stalled_source_and_others_flow() {
     let p2 = polled.clone();
     let _svc = Server::new(a)
         .listen_and_serve("svc", move |_| {
-            let infinite = Counted {
-                polled: p2.clone(),
-                dropped: None,
-                size: 1024,
-            };
-            stream::iter(vec![
-                Source::new("stalled", infinite),
-                Source::new("flowing", numbered(50_000, 1024)),
-            ])
+            stalled_and_flowing(&p2, numbered(50_000, 1024))
         })
         .unwrap();
     let cfg = ClientConfig::default().frame_buffer_size(16);

@@ -11,7 +11,7 @@ mod faulty;
 
 #[path = "support/counted.rs"]
 mod counted;
-use counted::Counted;
+use counted::{stalled_and_flowing, Counted};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -206,15 +206,7 @@ async fn a_stalled_consumer_at_a_bounds_what_c_produces_and_b_holds() {
     let p2 = polled.clone();
     let _svc = Server::new(c.clone())
         .listen_and_serve("svc", move |_| {
-            let endless = Counted {
-                polled: p2.clone(),
-                dropped: None,
-                size: 1024,
-            };
-            stream::iter(vec![
-                Source::new("stalled", endless),
-                Source::new("flowing", numbered(20_000, 1024)),
-            ])
+            stalled_and_flowing(&p2, numbered(20_000, 1024))
         })
         .unwrap();
     a.wait_for_name("svc", T).await.unwrap();

@@ -34,3 +34,23 @@ impl Drop for Counted {
         }
     }
 }
+
+/// The sources of a backpressure test: "stalled", an endless [`Counted`] of 1 KiB
+/// frames counting into `polled`, beside "flowing", the frames of `flowing`.
+pub fn stalled_and_flowing<S>(
+    polled: &Arc<AtomicU64>,
+    flowing: S,
+) -> impl futures::Stream<Item = chanserv::Source>
+where
+    S: futures::Stream<Item = Bytes> + Send + 'static,
+{
+    let endless = Counted {
+        polled: polled.clone(),
+        dropped: None,
+        size: 1024,
+    };
+    futures::stream::iter([
+        chanserv::Source::new("stalled", endless),
+        chanserv::Source::new("flowing", flowing),
+    ])
+}
