@@ -10,6 +10,7 @@
 //! cargo run --release --example bench -- flood --sources 100000 --frames 50
 //! cargo run --release --example bench -- mux-heavy                 # raw Node streams
 //! cargo run --release --example bench -- mux-flood
+//! cargo run --release --example bench -- heavy --relay   # through a third node
 //! cargo run --release --example bench -- mux-heavy --sources 1 --frames 5000
 //! ```
 //!
@@ -19,6 +20,11 @@
 //! total, and the run fails if any is off. `all` runs each workload in a fresh process,
 //! so `rss_mib` (peak RSS, `VmHWM`) is per workload. `--tls` links the two nodes over
 //! mutual TLS 1.3 with certificates made at start (rcgen; not timed).
+//!
+//! `--relay` links client and server only through a third node (this program run as
+//! `bench relay-node`, a process of its own): the client reaches the service and the
+//! server dials its child streams back through it. The line adds `relay_rss_mib`, the
+//! relay process's peak RSS.
 //!
 //! `mux-heavy` and `mux-flood` measure the multiplexer alone (`peer=node`): the same
 //! shapes as `heavy`/`flood`, one `Node` stream per source, with the application code of
@@ -49,6 +55,7 @@ struct Args {
     lz4: bool,
     random: bool,
     tls: bool,
+    relay: bool,
     shape: Option<Shape>,
     n: usize,
 }
@@ -62,7 +69,8 @@ impl Args {
             _ => "",
         };
         let tls = if self.tls { "-tls" } else { "" };
-        format!("{}{lz4}{tls}", self.workload)
+        let relay = if self.relay { "-relay" } else { "" };
+        format!("{}{lz4}{tls}{relay}", self.workload)
     }
 }
 
@@ -73,6 +81,7 @@ fn parse_args() -> Result<Args, String> {
         lz4: false,
         random: false,
         tls: false,
+        relay: false,
         shape: None,
         n: 20_000,
     };
@@ -91,6 +100,7 @@ fn parse_args() -> Result<Args, String> {
             "--lz4" => a.lz4 = true,
             "--random" => a.random = true,
             "--tls" => a.tls = true,
+            "--relay" => a.relay = true,
             "--sources" => sources = Some(num("--sources")? as u32),
             "--frames" => frames = Some(num("--frames")? as u32),
             "--size" => size = Some(num("--size")?),
@@ -107,8 +117,8 @@ fn parse_args() -> Result<Args, String> {
         "heavy" => Shape { sources: 10, frames: 500, size: MIB },
         "flood" | "mux-flood" => Shape { sources: 1000, frames: 5000, size: 64 },
         "mux-heavy" => Shape { sources: 10, frames: 500, size: MIB },
-        "all" => return Ok(a),
-        w => return Err(format!("usage: bench <connect|heavy|flood|mux-heavy|mux-flood|all> [--lz4 [--random]] [--tls] [--rt shared|split|single]; unknown workload {w:?}")),
+        "all" | "relay-node" => return Ok(a),
+        w => return Err(format!("usage: bench <connect|heavy|flood|mux-heavy|mux-flood|all> [--lz4 [--random]] [--tls] [--relay] [--rt shared|split|single]; unknown workload {w:?}")),
     };
     if sources.is_some() || frames.is_some() || size.is_some() {
         a.shape = Some(Shape {
@@ -126,6 +136,9 @@ mod common;
 
 #[path = "../tests/support/certs.rs"]
 mod certs;
+
+#[path = "support/relay.rs"]
+mod relay;
 
 /// The server's and the client's node settings: plaintext, or TLS with a fresh CA.
 fn node_configs(tls: bool) -> (NodeConfig, NodeConfig) {
@@ -173,6 +186,15 @@ fn main() -> ExitCode {
     };
     if args.workload == "all" {
         return run_all();
+    }
+    if args.workload == "relay-node" {
+        return match relay::serve(&runtime(2), vm_hwm_mib, cpu_secs) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("relay-node: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let r = if args.workload.starts_with("mux-") {
         run_mux(&args)
@@ -236,12 +258,22 @@ fn run(a: &Args) -> Result<String, String> {
     let payload = payload(a.random);
     let lz4 = a.lz4;
     let (srv_cfg, cli_cfg) = node_configs(a.tls);
+    if a.relay && a.tls {
+        return Err("--relay runs plaintext links only".into());
+    }
+    let relay_node = a.relay.then(relay::Relay::start).transpose()?;
     let (server_node, _handle) = srv_rt.block_on(async {
         let node = Node::with_config(srv_cfg);
-        let addr = node
-            .listen("127.0.0.1:0")
-            .await
-            .map_err(|e| e.to_string())?;
+        let addr = match &relay_node {
+            Some(r) => {
+                node.join(r.addr).await.map_err(|e| e.to_string())?.detach();
+                r.addr
+            }
+            None => node
+                .listen("127.0.0.1:0")
+                .await
+                .map_err(|e| e.to_string())?,
+        };
         let cfg = ServerConfig::default().use_compression(lz4);
         let p = payload.clone();
         let handle = Server::with_config(node.clone(), cfg)
@@ -313,7 +345,10 @@ fn run(a: &Args) -> Result<String, String> {
         throughput_line("chanserv", &a.label(), &a.rt, shape, secs, cpu)
     };
     drop(server_node);
-    Ok(line)
+    match relay_node {
+        Some(r) => Ok(format!("{line} {}", r.finish()?)),
+        None => Ok(line),
+    }
 }
 
 /// Runs `f` as a task of `rt` (on its workers) and waits for it.

@@ -62,7 +62,10 @@
 //!   `authz` (which names an authenticated peer may announce, one identity per node
 //!   id), `stats` ([`NodeStats`]: the links, their RTT, bytes and streams), `stdio`
 //!   ([`ChildNode`]: a link to a child process over its stdin and stdout, and
-//!   [`Node::serve_stdio`], a node served on its own).
+//!   [`Node::serve_stdio`], a node served on its own), `routing` (the path-vector
+//!   table: nodes and names beyond the linked peers, [`Node::routes`]), `relay`
+//!   (streams for nodes beyond, opened onward and spliced), `names` ([`Node::services`],
+//!   providers and waiting for them).
 //! - `server/` — [`Server`]: `config`, `request` (reads a request, runs your source
 //!   function, announces the sources), `pump` (one source's child stream, batched,
 //!   watched for the client leaving), `stats` ([`ServiceStats`]: counters and the
@@ -215,8 +218,8 @@ pub use client::{Client, ClientConfig, ClientStats, RequestStats, Scatter, Sourc
 pub use error::{BoxError, Error, ErrorFn, Result, Timeout};
 pub use mux::{
     Addr, ChildNode, DialOptions, Joined, LinkEvent, LinkEvents, LinkState, LinkStats, Listener,
-    Multiplexer, MuxStream, Node, NodeConfig, NodeId, NodeListener, NodeStats, PeerInfo, TlsConfig,
-    PROTOCOL_VERSION,
+    Multiplexer, MuxStream, Node, NodeConfig, NodeId, NodeListener, NodeStats, PeerInfo, Provider,
+    RouteInfo, TlsConfig, PROTOCOL_VERSION,
 };
 pub use server::{
     BlockedSource, MaxErrorMassFn, ServeHandle, Server, ServerConfig, ServiceStats, SourceItem,

@@ -8,6 +8,10 @@ use bytes::Bytes;
 use chanserv::{Client, ClientConfig, Error, Node, Server, ServerConfig, Source, Timeout};
 use futures::{stream, StreamExt};
 
+#[path = "support/counted.rs"]
+mod counted;
+use counted::{stalled_and_flowing, Counted};
+
 async fn pair() -> (Node, Node) {
     let a = Node::new();
     let b = Node::new();
@@ -119,32 +123,6 @@ async fn dead_link_is_a_failure_not_a_completion() {
     assert!(err.is_some(), "a cut source must end with an error");
 }
 
-/// A producer that counts how many frames were taken from it and reports its drop.
-struct Counted {
-    polled: Arc<AtomicU64>,
-    dropped: Option<tokio::sync::oneshot::Sender<()>>,
-    size: usize,
-}
-
-impl futures::Stream for Counted {
-    type Item = Bytes;
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Bytes>> {
-        self.polled.fetch_add(1, Ordering::Relaxed);
-        std::task::Poll::Ready(Some(Bytes::from(vec![7u8; self.size])))
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        if let Some(tx) = self.dropped.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
 #[tokio::test]
 async fn backpressure_bounds_a_stalled_source_and_others_flow() {
     let (a, b) = pair().await;
@@ -152,15 +130,7 @@ async fn backpressure_bounds_a_stalled_source_and_others_flow() {
     let p2 = polled.clone();
     let _svc = Server::new(a)
         .listen_and_serve("svc", move |_| {
-            let infinite = Counted {
-                polled: p2.clone(),
-                dropped: None,
-                size: 1024,
-            };
-            stream::iter(vec![
-                Source::new("stalled", infinite),
-                Source::new("flowing", numbered(50_000, 1024)),
-            ])
+            stalled_and_flowing(&p2, numbered(50_000, 1024))
         })
         .unwrap();
     let cfg = ClientConfig::default().frame_buffer_size(16);

@@ -141,9 +141,13 @@ async fn a_name_is_dialed_on_the_node_chosen() {
         // The registry as the client sees it: every name, every provider, sorted.
         let services = client.services();
         assert_eq!(services.keys().collect::<Vec<_>>(), ["kv", "other"]);
-        assert_eq!(services["kv"], client.providers("kv"));
-        assert_eq!(services["kv"].len(), 3);
-        assert_eq!(services["other"], [servers[2].id()]);
+        let nodes = |name: &str| services[name].iter().map(|p| p.node).collect::<Vec<_>>();
+        assert_eq!(nodes("kv"), client.providers("kv"));
+        assert_eq!(nodes("kv").len(), 3);
+        assert_eq!(nodes("other"), [servers[2].id()]);
+        assert!(services["kv"]
+            .iter()
+            .all(|p| p.hops == usize::from(p.node != client.id())));
         // Each provider, this node included, several times: always the one chosen.
         for target in client.providers("kv").into_iter().cycle().take(12) {
             let opts = DialOptions::new(T).on_node(target).bucket("ignored");

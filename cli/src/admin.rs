@@ -172,7 +172,7 @@ impl Ctx {
                 services: node
                     .services()
                     .into_iter()
-                    .map(|(name, ids)| (name, ids.into_iter().map(hex).collect()))
+                    .map(|(name, ps)| (name, ps.into_iter().map(|p| hex(p.node)).collect()))
                     .collect(),
                 relayed: info.relayed.names(),
             }),

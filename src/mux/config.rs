@@ -35,6 +35,7 @@ pub(super) fn id_from_name(name: &str) -> NodeId {
 /// | `close_timeout` | 2 s |
 /// | `send_queue` | 4 MiB per link |
 /// | `tls` | none: plaintext links |
+/// | `environment` | `""` |
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub(super) node_id: Option<NodeId>,
@@ -51,6 +52,7 @@ pub struct NodeConfig {
     pub(super) send_queue: usize,
     /// Built once here, shared by the node's listeners and joins.
     pub(super) tls: Option<Arc<TlsLinks>>,
+    pub(super) environment: String,
 }
 
 impl Default for NodeConfig {
@@ -69,6 +71,7 @@ impl Default for NodeConfig {
             close_timeout: Duration::from_secs(2),
             send_queue: 4 * 1024 * 1024,
             tls: None,
+            environment: String::new(),
         }
     }
 }
@@ -205,6 +208,21 @@ impl NodeConfig {
         // policy changed since, and it cannot make a build fail.
         let built = tls.build().expect("checked by TlsConfig::from_pem");
         self.tls = Some(Arc::new(built));
+        self
+    }
+
+    /// The environment this node belongs to (`"prod"`, `"staging"`; default `""`).
+    /// Nodes of every environment link, route and relay for each other on one mesh,
+    /// but a node sees only the service names of nodes of its own environment: names
+    /// bound in another are not its providers, its services or its name events, and
+    /// a dial to one fails with [`Error::NoSuchAddress`](crate::Error::NoSuchAddress).
+    /// `"<node>:<port>"` addresses reach every node. At most 255 bytes (panics
+    /// otherwise).
+    #[must_use]
+    pub fn environment(mut self, env: impl Into<String>) -> Self {
+        let env = env.into();
+        assert!(env.len() <= 255, "an environment is at most 255 bytes");
+        self.environment = env;
         self
     }
 

@@ -13,7 +13,6 @@ use tokio::time::{timeout, Instant};
 use super::link::{hex, Link};
 use super::node::Inner;
 use super::stream::{read_frames, MuxStream};
-use super::LinkEvent;
 use crate::error::Result;
 use crate::proto::frame::FrameCodec;
 use crate::proto::link::{Control, CONTROL_LIMIT};
@@ -255,13 +254,18 @@ impl ControlLoop<'_> {
                 let names = inner.authorize_names(link, names);
                 tracing::debug!(peer = %hex(link.peer), ?names, "peer names");
                 let mut st = inner.state.lock().unwrap();
-                let (added, removed) = st.set_peer_names(link.peer, names);
-                // Under the lock, so events come in the order the names changed.
-                if let Some(e) = LinkEvent::names(link.peer, added, removed) {
-                    inner.emit(e);
+                st.set_peer_names(link.peer, names);
+                inner.refresh(&mut st);
+            }
+            Control::Routes(ads) => {
+                tracing::trace!(peer = %hex(link.peer), routes = ads.len(), "peer routes");
+                let mut st = inner.state.lock().unwrap();
+                // A peer's routes count only while it is linked (a late message of a
+                // link that just closed must not bring them back).
+                if st.links.contains_key(&link.peer) {
+                    st.routing.set_ads(link.peer, ads);
+                    inner.refresh(&mut st);
                 }
-                drop(st);
-                inner.names_changed.notify_waiters();
             }
             Control::Rotate => link.rotate(),
             Control::Refused(names) => inner.on_names_refused(link, names),

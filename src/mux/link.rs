@@ -275,7 +275,12 @@ impl Inner {
             // Under the lock, so events come in the order the table changed.
             self.emit(LinkEvent::Up(link.info()));
         }
+        // The peer learns this node's environment (a ROUTES of itself alone), then its
+        // names, then the routes beyond it: so its names come before those it relays.
+        link.send_control(st.hello_message(self.id));
         link.send_control(st.names_message());
+        self.refresh(&mut st);
+        st.advertise(self.id, Some(link.peer));
         Ok(())
     }
 
@@ -297,10 +302,11 @@ impl Inner {
                 links.retain(|l| l.id != link.id);
                 if links.is_empty() {
                     st.links.remove(&link.peer);
-                    let names = st.peer_names.remove(&link.peer).unwrap_or_default();
-                    // Under the lock, so events come in the order the table changed.
-                    let gone = LinkEvent::names(link.peer, vec![], names.into_iter().collect());
-                    gone.into_iter().for_each(|e| self.emit(e));
+                    st.peer_names.remove(&link.peer);
+                    st.routing.forget(link.peer);
+                    // Under the lock, so events come in the order the table changed:
+                    // the names it took away, then its `Down`.
+                    self.refresh(&mut st);
                     self.emit(LinkEvent::Down(link.info()));
                     last = true;
                 }
@@ -386,6 +392,10 @@ impl Inner {
                         .spawn(async move { inner.deliver(s, target, link).await });
                 }
             }
+            Poll::Ready(Ok(Open::Relay { ttl, node, target })) => {
+                let task = inner.open_relayed(s, ttl, node, target, link);
+                self.tasks.spawn(task);
+            }
             Poll::Ready(Ok(Open::Control)) => match ctl_in.take() {
                 // The control loop may have ended already: the link is closing.
                 Some(tx) => drop(tx.send(s)),
@@ -402,6 +412,9 @@ impl Inner {
                     .await;
                     match r {
                         Ok(Ok(Open::Dial(target))) => inner.deliver(s, target, link).await,
+                        Ok(Ok(Open::Relay { ttl, node, target })) => {
+                            inner.open_relayed(s, ttl, node, target, link).await
+                        }
                         Ok(Ok(Open::Control)) => match ctl_in {
                             Some(tx) => drop(tx.send(s)),
                             None => tracing::debug!("second control stream refused"),
@@ -440,7 +453,7 @@ impl Inner {
         }
     }
 
-    async fn deliver(&self, mut s: MuxStream, target: String, link: Arc<Link>) {
+    pub(super) async fn deliver(&self, mut s: MuxStream, target: String, link: Arc<Link>) {
         let tx = self.state.lock().unwrap().listener_for(&target, self.id);
         let status = match tx {
             None => Status::NoSuchAddress,
@@ -452,15 +465,7 @@ impl Inner {
                 Err(_) => Status::Refused,
             },
         };
-        // The refusal is all the dialer gets; if it cannot be sent the dialer is gone
-        // or the link is dying, and either way learns of it by itself.
-        let refuse = async {
-            s.write_all(&[status.encode()]).await?;
-            s.shutdown().await
-        };
-        if let Err(e) = refuse.await {
-            tracing::debug!("refusing a stream to {target}: {e}");
-        }
+        super::relay::refuse(&mut s, status, &target).await;
     }
 
     /// Opens this side's control stream on `link`.
@@ -472,23 +477,6 @@ impl Inner {
         s.write_all(&header).await?;
         s.flush().await?;
         Ok(s)
-    }
-
-    /// A dialer's stream on `link` to `target` (the open header rides on its first
-    /// write), holding `permit`.
-    pub(super) async fn open_dial(
-        &self,
-        active: Active,
-        target: &str,
-        permit: tokio::sync::OwnedSemaphorePermit,
-    ) -> Result<MuxStream> {
-        let link = active.link();
-        let mut header = BytesMut::new();
-        Open::Dial(target.to_owned()).encode(&mut header)?;
-        let s = link.open().await?;
-        link.count_open(self.cfg.rotate_after);
-        let s = MuxStream::new(Io::yamux(s), link.life.watch(), Some(header));
-        Ok(s.on_link(active, Some(permit)))
     }
 }
 

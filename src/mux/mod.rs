@@ -2,7 +2,8 @@
 //! against, and [`Node`], its yamux-based implementation (links, virtual addresses,
 //! service discovery, keep-alive, stream limits). It knows nothing of chanserv.
 //!
-//! Rooms: `config` (settings), `node` (the facade, listeners, accept loops),
+//! Rooms: `config` (settings), `node` (the facade, listeners, accept loops), `names`
+//! (the names, providers and routes a node's users ask for),
 //! `registry` (binds, peer names, routing, rendezvous hashing), `link` (handshake,
 //! the yamux driver, inbound streams, a link's life from up to closed), `control`
 //! (keep-alive and names on the control stream), `join` (a joined address's one
@@ -10,9 +11,11 @@
 //! `lifeline` (how a dead link fails its streams), `tls` ([`TlsConfig`]: TLS 1.3 under
 //! a link, peer identities), `authz` (what an authenticated peer may announce),
 //! `stats` ([`NodeStats`]: a snapshot per link, and the counters behind it), `stdio`
-//! ([`ChildNode`]: links over a child process's stdin and stdout, or this process's).
+//! ([`ChildNode`]: links over a child process's stdin and stdout, or this process's),
+//! `routing` (the path-vector table: nodes and names beyond the linked peers),
+//! `relay` (streams for nodes beyond: opened onward and spliced).
 //! Byte layouts are in `PROTOCOL.md` ("Links", "Stream open", "Control stream",
-//! "Security") and `proto/link.rs`.
+//! "Routing", "Security") and `proto/link.rs`, `proto/route.rs`.
 
 use std::fmt;
 use std::future::Future;
@@ -34,8 +37,11 @@ mod control;
 mod join;
 mod lifeline;
 mod link;
+mod names;
 mod node;
 mod registry;
+mod relay;
+mod routing;
 mod stats;
 mod stdio;
 mod stream;
@@ -200,6 +206,32 @@ impl VAddr {
     }
 }
 
+/// A node that provides a service name, as [`Node::services`] tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub struct Provider {
+    /// The node's id.
+    pub node: NodeId,
+    /// How far it is: 0 for this node, 1 for a linked peer, more through the mesh.
+    pub hops: usize,
+}
+
+/// A node the mesh routes to, as [`Node::routes`] tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RouteInfo {
+    /// The node's id.
+    pub node: NodeId,
+    /// The nodes a stream to it passes: the linked peer it goes to first, `node`
+    /// last. Its length is the distance in hops.
+    pub path: Vec<NodeId>,
+    /// The node's environment ([`NodeConfig::environment`]).
+    pub environment: String,
+    /// The service names it provides, sorted; none when it is of another
+    /// environment than this node.
+    pub names: Vec<String>,
+}
+
 /// Who is at the other end of a link, as a [`LinkEvent`] tells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -227,14 +259,16 @@ pub enum LinkEvent {
     /// The last link to this peer is down; its names are withdrawn (`OnLeave`). The
     /// info is that last link's.
     Down(PeerInfo),
-    /// The service names `node` provides changed: a linked peer announced a set that
-    /// differs from its last one (its first announcement after `Up` adds all its
-    /// names), its last link went down (everything it had is removed, just before its
-    /// `Down`), or this node (`node` is [`Node::id`]) bound a name or dropped the
-    /// listener of one. Names a TLS peer may not announce
-    /// ([`TlsConfig::allow_names`]) never appear. Nothing fires when nothing changed
-    /// (a rotated link announcing the same names), nor for `":port"` addresses, nor
-    /// for the node's own names when it shuts down.
+    /// The service names `node` provides changed, as this node sees them: a node
+    /// anywhere in the mesh (a linked peer, or one reached through others) bound or
+    /// dropped names, became reachable (its names appear) or unreachable (they
+    /// disappear: for a linked peer with no other path, just before its `Down`), or
+    /// this node (`node` is [`Node::id`]) bound a name or dropped the listener of one.
+    /// Only nodes of this node's environment ([`NodeConfig::environment`]) have
+    /// names here. Names a TLS peer may not announce ([`TlsConfig::allow_names`])
+    /// never appear. Nothing fires when nothing changed (a rotated link announcing
+    /// the same names, a route that moved to another path), nor for `":port"`
+    /// addresses, nor for the node's own names when it shuts down.
     #[non_exhaustive]
     Names {
         /// The node whose names changed.
@@ -345,7 +379,7 @@ impl DialOptions {
         }
     }
 
-    /// Among the nodes that bind the service name, the one with the highest
+    /// Among the nodes that bind the service name (however far), the one with the highest
     /// rendezvous score for `bucket` serves it: the same bucket goes to the same node
     /// while it is up, and only its buckets move when a node leaves.
     pub fn bucket(mut self, bucket: impl Into<String>) -> Self {
@@ -353,8 +387,9 @@ impl DialOptions {
         self
     }
 
-    /// Dial a service name on this node only (this node itself, or a linked peer that
-    /// announced the name): [`Error::NoSuchAddress`] if it does not provide it. With
+    /// Dial a service name on this node only (this node itself, or any node of the
+    /// mesh that provides the name, however far): [`Error::NoSuchAddress`] if it does
+    /// not provide it. With
     /// [`Node::providers`] it reaches every provider of a name in turn; it overrides
     /// [`bucket`](Self::bucket). Ignored for `":port"` and `"<node>:<port>"` addresses.
     pub fn on_node(mut self, node: NodeId) -> Self {

@@ -24,6 +24,7 @@ use super::{
     Addr, DialOptions, LinkEvent, LinkEvents, Listener, Multiplexer, NodeConfig, NodeId, VAddr,
 };
 use crate::error::{Error, Result, Timeout};
+use crate::proto::link::Open;
 
 /// A node of the mesh: binds virtual addresses, links to other nodes, dials.
 ///
@@ -36,7 +37,12 @@ use crate::error::{Error, Result, Timeout};
 /// Virtual addresses:
 /// - a service name, `"chanserv"` or `"search:7"`: announced to linked peers;
 /// - `":port"`: local to this node; `":0"` binds a free port chosen by the node;
-/// - `"<node-id>:<port>"` (16 hex digits): a port on a given node, directly linked.
+/// - `"<node-id>:<port>"` (16 hex digits): a port on a given node, linked or reached
+///   through the mesh.
+///
+/// Nodes reach each other through the mesh: names and routes propagate hop by hop
+/// (`PROTOCOL.md`, "Routing"), and a stream to a node that is not linked is relayed
+/// by the nodes between, end to end ([`Node::routes`]).
 #[derive(Clone)]
 pub struct Node {
     pub(super) inner: Arc<Inner>,
@@ -94,11 +100,13 @@ impl Node {
     /// A node with the given settings (a random id unless they set one:
     /// [`NodeConfig::node_id`]).
     pub fn with_config(cfg: NodeConfig) -> Self {
+        let env = cfg.environment.clone();
         let inner = Arc::new(Inner {
             id: cfg.node_id.unwrap_or_else(random_u64),
             cfg,
             state: Mutex::new(State {
                 next_port: 1024,
+                env,
                 ..State::default()
             }),
             events: broadcast::channel(256).0,
@@ -184,77 +192,6 @@ impl Node {
         self.inner.close();
         self.inner.tasks.wait().await;
     }
-
-    /// Waits until a dial to `name` can be routed (bound here, or announced by a
-    /// linked peer), up to `within`: names bound on peers reach a node a moment after
-    /// the link is up or the bind happened. [`Error::NoSuchAddress`] when the time is
-    /// up, [`Error::InvalidAddress`] for a malformed name.
-    pub async fn wait_for_name(&self, name: &str, within: Duration) -> Result<()> {
-        let v = VAddr::parse(name)?;
-        if self
-            .wait_until(within, || {
-                self.inner.route(&v, &DialOptions::new(within)).is_ok()
-            })
-            .await
-        {
-            Ok(())
-        } else {
-            Err(Error::NoSuchAddress(name.to_owned()))
-        }
-    }
-
-    /// The nodes a dial to the service `name` may reach: this node if it binds the
-    /// name, and every linked peer that announced it. Sorted by node id.
-    pub fn providers(&self, name: &str) -> Vec<NodeId> {
-        let st = self.inner.state.lock().unwrap();
-        let mut v = st.peers_binding(name);
-        if st.binds.contains_key(name) {
-            v.push(self.inner.id);
-        }
-        v.sort_unstable();
-        v
-    }
-
-    /// Every service name this node can route, with its providers (as
-    /// [`providers`](Node::providers) gives them): its own bound names and those its
-    /// linked peers announced. A snapshot; [`Node::subscribe`] tells when links change.
-    pub fn services(&self) -> std::collections::BTreeMap<String, Vec<NodeId>> {
-        self.inner.state.lock().unwrap().services(self.inner.id)
-    }
-
-    /// Waits until at least `count` nodes provide the service `name` (see
-    /// [`providers`](Node::providers)), up to `within`. [`Error::NoSuchAddress`] when
-    /// the time is up with fewer.
-    pub async fn wait_for_providers(
-        &self,
-        name: &str,
-        count: usize,
-        within: Duration,
-    ) -> Result<()> {
-        if self
-            .wait_until(within, || self.providers(name).len() >= count)
-            .await
-        {
-            Ok(())
-        } else {
-            Err(Error::NoSuchAddress(format!(
-                "{name} (fewer than {count} providers)"
-            )))
-        }
-    }
-
-    async fn wait_until(&self, within: Duration, mut ready: impl FnMut() -> bool) -> bool {
-        let until = Instant::now() + within;
-        loop {
-            let changed = self.inner.names_changed.notified();
-            if ready() {
-                return true;
-            }
-            if timeout_at(until, changed).await.is_err() {
-                return false;
-            }
-        }
-    }
 }
 
 impl Inner {
@@ -284,6 +221,18 @@ impl Inner {
         }
     }
 
+    /// Computes the routes again after a change under `st` and publishes the names
+    /// that appeared or disappeared anywhere (under the lock, so events come in the
+    /// order the table changed); wakes who waits for names.
+    pub(super) fn refresh(&self, st: &mut State) {
+        for (node, added, removed) in st.refresh(self.id) {
+            if let Some(e) = LinkEvent::names(node, added, removed) {
+                self.emit(e);
+            }
+        }
+        self.names_changed.notify_waiters();
+    }
+
     /// Publishes a change of this node's own names (under the state lock, so events
     /// come in the order binds changed).
     fn emit_names(&self, added: Vec<String>, removed: Vec<String>) {
@@ -292,7 +241,7 @@ impl Inner {
         }
     }
 
-    fn route(&self, v: &VAddr, opts: &DialOptions) -> Result<Route> {
+    pub(super) fn route(&self, v: &VAddr, opts: &DialOptions) -> Result<Route> {
         let rr = self.rr.fetch_add(1, Ordering::Relaxed);
         self.state.lock().unwrap().route(self.id, v, opts, rr)
     }
@@ -341,12 +290,12 @@ impl Inner {
         // A draining link may retire between the route and the open: route again once.
         let mut retry = true;
         loop {
-            let (link, target) = match self.route(&v, &opts)? {
+            let (link, open) = match self.route(&v, &opts)? {
                 Route::Local(tx, key) => return self.dial_local(tx, key, &vaddr, deadline).await,
-                Route::Remote(link, target) => (link, target),
+                Route::Remote(link, open) => (link, open),
             };
             let draining = link.link().is_draining();
-            match self.dial_link(link, &target, &opts, deadline).await {
+            match self.dial_link(link, &open, &opts, deadline).await {
                 Err(Error::LinkClosed) if draining && retry => retry = false,
                 r => return r,
             }
@@ -375,7 +324,7 @@ impl Inner {
     async fn dial_link(
         &self,
         link: Active,
-        target: &str,
+        open: &Open,
         opts: &DialOptions,
         deadline: Instant,
     ) -> Result<MuxStream> {
@@ -393,7 +342,7 @@ impl Inner {
         } else {
             (until(deadline, acquire).await?, deadline)
         };
-        until(deadline, self.open_dial(link, target, permit)).await
+        until(deadline, self.open_stream(link, open, permit)).await
     }
 }
 

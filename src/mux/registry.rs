@@ -1,6 +1,7 @@
 //! What a node knows: its binds, its links per peer, the names each peer announced,
-//! and where a dial goes (local listener, round robin, rendezvous buckets). Pure
-//! bookkeeping under the node's lock: no I/O, no tasks.
+//! the routes beyond its peers (`routing`), and where a dial goes (local listener,
+//! the nearest providers in turn, rendezvous buckets, the next hop). Pure bookkeeping
+//! under the node's lock: no I/O, no tasks.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Weak};
@@ -9,11 +10,12 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use super::join::{JoinEntry, Rejoin};
-use super::link::{Active, Link};
+use super::link::{control_frame, Active, Link};
+use super::routing::{Routing, HOP_LIMIT};
 use super::stream::MuxStream;
 use super::{Addr, DialOptions, NodeId, VAddr};
 use crate::error::{Error, Result};
-use crate::proto::link::Control;
+use crate::proto::link::{Control, Open, RouteAd};
 
 /// Everything behind the node's one lock.
 #[derive(Default)]
@@ -31,7 +33,17 @@ pub(super) struct State {
     pub(super) detached: Vec<Arc<JoinEntry>>,
     /// Set by shutdown: no bind, link or join is taken any more.
     pub(super) closed: bool,
+    /// Routes to the nodes beyond the linked peers (and the peers themselves).
+    pub(super) routing: Routing,
+    /// This node's environment ([`NodeConfig::environment`](super::NodeConfig)).
+    pub(super) env: String,
+    /// The names of every node as the last `Names` events told them (this node's
+    /// own apart): what the next events are told against.
+    pub(super) seen: BTreeMap<NodeId, BTreeSet<String>>,
 }
+
+/// A change of the names a node provides, for a `Names` event.
+pub(super) type NamesChange = (NodeId, Vec<String>, Vec<String>);
 
 /// A bound address: where its streams are queued.
 pub(super) struct Binding {
@@ -43,8 +55,9 @@ pub(super) struct Binding {
 pub(super) enum Route {
     /// A listener of this node, under this key.
     Local(mpsc::Sender<(MuxStream, Addr)>, String),
-    /// A link (counted active for the dial), asking the peer for this address.
-    Remote(Active, String),
+    /// A link (counted active for the dial), and the open header for the peer: a
+    /// DIAL for its own address, or a RELAY for a node beyond it.
+    Remote(Active, Open),
 }
 
 impl State {
@@ -62,16 +75,17 @@ impl State {
         m.freeze()
     }
 
-    /// Every routable name with its providers, sorted (see `Node::services`).
-    pub(super) fn services(&self, here: NodeId) -> BTreeMap<String, Vec<NodeId>> {
-        let mut all: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
-        for name in self.binds.keys().filter(|k| !k.starts_with(':')) {
-            all.entry(name.clone()).or_default().push(here);
+    /// Every routable name with its providers and their distance in hops (0 for
+    /// this node), sorted by node id (see `Node::services`).
+    pub(super) fn services(&self, here: NodeId) -> BTreeMap<String, Vec<(NodeId, usize)>> {
+        let mut all: BTreeMap<String, Vec<(NodeId, usize)>> = BTreeMap::new();
+        for name in self.own_names() {
+            all.entry(name).or_default().push((here, 0));
         }
-        for (peer, names) in &self.peer_names {
-            if self.links.contains_key(peer) {
-                for name in names {
-                    all.entry(name.clone()).or_default().push(*peer);
+        for (node, r) in self.routing.best() {
+            if r.env == self.env {
+                for name in &r.names {
+                    all.entry(name.clone()).or_default().push((*node, r.hops()));
                 }
             }
         }
@@ -79,6 +93,15 @@ impl State {
             providers.sort_unstable();
         }
         all
+    }
+
+    /// This node's service names.
+    pub(super) fn own_names(&self) -> BTreeSet<String> {
+        self.binds
+            .keys()
+            .filter(|k| !k.starts_with(':'))
+            .cloned()
+            .collect()
     }
 
     /// Records the names `peer` announced; returns what that added and removed
@@ -115,13 +138,81 @@ impl State {
             .cloned()
     }
 
-    /// The linked peers that announced `name`.
-    pub(super) fn peers_binding(&self, name: &str) -> Vec<NodeId> {
-        self.peer_names
-            .iter()
-            .filter(|(peer, names)| names.contains(name) && self.links.contains_key(peer))
-            .map(|(peer, _)| *peer)
+    /// The other nodes of this node's environment that provide `name`, with their
+    /// distance in hops.
+    pub(super) fn providers_of(&self, name: &str) -> Vec<(NodeId, usize)> {
+        let best = self.routing.best().iter();
+        best.filter(|(_, r)| r.env == self.env && r.names.contains(name))
+            .map(|(n, r)| (*n, r.hops()))
             .collect()
+    }
+
+    /// The route of a stream for `target` on the node `node` (not this one): a DIAL on
+    /// the link to it, or a RELAY with `ttl` hops left on the link to the next hop.
+    pub(super) fn hop(&self, node: NodeId, target: &str, ttl: u8) -> Option<Route> {
+        if let Some(l) = self.newest_link(node) {
+            return Some(Route::Remote(Active::new(l), Open::Dial(target.to_owned())));
+        }
+        let next = self.routing.to(node).filter(|_| ttl > 0)?.next();
+        let open = Open::Relay {
+            ttl,
+            node,
+            target: target.to_owned(),
+        };
+        Some(Route::Remote(Active::new(self.newest_link(next)?), open))
+    }
+
+    /// Computes the routes again after a change (a peer's NAMES or ROUTES, a link up
+    /// or down); when they changed, tells every linked peer. Returns the changes of
+    /// names to announce as events, against what the last events told.
+    pub(super) fn refresh(&mut self, here: NodeId) -> Vec<NamesChange> {
+        let linked = self
+            .links
+            .keys()
+            .map(|p| (*p, self.peer_names.get(p).cloned().unwrap_or_default()))
+            .collect();
+        if self.routing.recompute(here, &linked) {
+            self.advertise(here, None);
+        }
+        let now = self.routing.names_in(&self.env);
+        let mut changes = Vec::new();
+        for node in now.keys().chain(self.seen.keys()).collect::<BTreeSet<_>>() {
+            let (old, new) = (self.seen.get(node), now.get(node));
+            let empty = BTreeSet::new();
+            let (old, new) = (old.unwrap_or(&empty), new.unwrap_or(&empty));
+            let added: Vec<String> = new.difference(old).cloned().collect();
+            let removed: Vec<String> = old.difference(new).cloned().collect();
+            if !added.is_empty() || !removed.is_empty() {
+                changes.push((*node, added, removed));
+            }
+        }
+        self.seen = now;
+        changes
+    }
+
+    /// The ROUTES message a new link starts with: this node alone, with its
+    /// environment.
+    pub(super) fn hello_message(&self, here: NodeId) -> Bytes {
+        let me = RouteAd {
+            path: vec![here],
+            env: self.env.clone(),
+            names: BTreeSet::new(),
+        };
+        control_frame(&Control::Routes(vec![me]))
+    }
+
+    /// Sends ROUTES to every linked peer, or to `only` that one.
+    pub(super) fn advertise(&self, here: NodeId, only: Option<NodeId>) {
+        for (peer, links) in &self.links {
+            if only.is_some_and(|o| o != *peer) {
+                continue;
+            }
+            let ads = self.routing.ads_for(here, &self.env, *peer);
+            let msg = control_frame(&Control::Routes(ads));
+            for l in links {
+                l.send_control(msg.clone());
+            }
+        }
     }
 
     /// The key a local address is bound under, if `v` names this node.
@@ -164,53 +255,56 @@ impl State {
                 local(&format!(":{p}")).ok_or_else(|| none(format!(":{p}")))
             }
             VAddr::Node(id, p) => self
-                .newest_link(*id)
-                .map(|l| Route::Remote(Active::new(l), format!(":{p}")))
-                .ok_or_else(|| none(format!("{id:016x}:{p} (no link to that node)"))),
+                .hop(*id, &format!(":{p}"), HOP_TTL)
+                .ok_or_else(|| none(format!("{id:016x}:{p} (no route to that node)"))),
             VAddr::Name(name) if opts.node.is_some() => {
                 let n = opts.node.expect("guarded");
                 let there = || format!("{name} on {n:016x}");
                 if n == here {
                     return local(name).ok_or_else(|| none(there()));
                 }
-                match self.peer_names.get(&n).filter(|names| names.contains(name)) {
-                    Some(_) => self
-                        .newest_link(n)
-                        .map(|l| Route::Remote(Active::new(l), name.clone()))
-                        .ok_or_else(|| none(there())),
-                    None => Err(none(there())),
-                }
+                let provides = self.providers_of(name).iter().any(|(p, _)| *p == n);
+                provides
+                    .then(|| self.hop(n, name, HOP_TTL))
+                    .flatten()
+                    .ok_or_else(|| none(there()))
             }
             VAddr::Name(name) => {
                 let bucket = opts.bucket.as_deref();
-                let mut candidates = self.peers_binding(name);
+                let mut candidates = self.providers_of(name);
                 let is_here = self.binds.contains_key(name);
                 if is_here && bucket.is_none() {
                     return Ok(local(name).expect("checked"));
                 }
                 if is_here {
-                    candidates.push(here);
+                    candidates.push((here, 0));
                 }
                 let pick = match bucket {
-                    Some(b) => candidates.iter().copied().max_by_key(|n| hrw(*n, b)),
-                    None if candidates.is_empty() => None,
+                    Some(b) => candidates.iter().map(|c| c.0).max_by_key(|n| hrw(*n, b)),
                     None => {
-                        candidates.sort_unstable();
-                        Some(candidates[rr % candidates.len()])
+                        // The nearest providers, in turn.
+                        let near = candidates.iter().map(|c| c.1).min().unwrap_or(0);
+                        let mut near: Vec<NodeId> = candidates
+                            .iter()
+                            .filter(|c| c.1 == near)
+                            .map(|c| c.0)
+                            .collect();
+                        near.sort_unstable();
+                        (!near.is_empty()).then(|| near[rr % near.len()])
                     }
                 };
                 match pick {
                     None => Err(none(name.clone())),
                     Some(n) if n == here => Ok(local(name).expect("checked")),
-                    Some(n) => Ok(Route::Remote(
-                        Active::new(self.newest_link(n).expect("candidate has a link")),
-                        name.clone(),
-                    )),
+                    Some(n) => self.hop(n, name, HOP_TTL).ok_or_else(|| none(name.clone())),
                 }
             }
         }
     }
 }
+
+/// The hops a stream dialed here may take.
+const HOP_TTL: u8 = HOP_LIMIT as u8;
 
 /// Highest-random-weight (rendezvous) score: the node with the highest score for a
 /// bucket serves it, so when a node leaves only its buckets move.

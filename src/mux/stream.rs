@@ -133,6 +133,58 @@ impl MuxStream {
         self
     }
 
+    /// A dialer's stream whose acceptor's status byte is read as data: a relay passes
+    /// the far end's status back to the stream it relays for.
+    pub(super) fn pass_status(mut self) -> Self {
+        self.status_pending = false;
+        self
+    }
+
+    /// True when the peer reset the stream, as opposed to closing its half (a read
+    /// that returned 0 cannot tell): yamux marks a reset stream closed both ways,
+    /// which a FIN does only once this side has shut its half (`shut`).
+    pub(super) fn was_reset(&self, shut: bool) -> bool {
+        match &self.io {
+            Io::Yamux(s) => !shut && s.get_ref().is_closed(),
+            Io::Local(..) => false,
+        }
+    }
+
+    /// The next piece of data as it arrived (a yamux frame's body, not copied), for
+    /// the relay; `None` at the end of the stream. Like a read, it sends what this
+    /// side owes (its open header) when it would wait, and fails when the link dies.
+    pub(super) fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Chunk>>> {
+        let r = match &mut self.io {
+            Io::Yamux(s) => {
+                use futures::Stream;
+                match Pin::new(s.get_mut()).poll_next(cx) {
+                    Poll::Ready(Some(Ok(p))) => Poll::Ready(Ok(Some(Chunk::Yamux(p)))),
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Err(e)),
+                    Poll::Ready(None) => Poll::Ready(Ok(None)),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            Io::Local(s, _) => {
+                let mut b = vec![0u8; 16 * 1024];
+                let mut rb = ReadBuf::new(&mut b);
+                match Pin::new(s).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Ok(None)),
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        b.truncate(n);
+                        Poll::Ready(Ok(Some(Chunk::Local(b))))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        };
+        if r.is_pending() && self.header.is_some() {
+            ready!(self.poll_header(cx, &[]))?;
+        }
+        self.unless_dead(Half::Read, cx, r)
+    }
+
     /// Waits for the acceptor's answer (dialer side): `Ok` once the address accepted
     /// the stream, its error otherwise. Reads do this by themselves.
     pub async fn accepted(&mut self) -> Result<()> {
@@ -289,6 +341,21 @@ impl MuxStream {
             (Io::Yamux(s), true) => Pin::new(s).poll_shutdown(cx),
             (Io::Local(s, _), false) => Pin::new(s).poll_flush(cx),
             (Io::Local(s, _), true) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A piece of data as a stream received it ([`MuxStream::poll_chunk`]).
+pub(super) enum Chunk {
+    Yamux(yamux::Packet),
+    Local(Vec<u8>),
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Chunk::Yamux(p) => p.as_ref(),
+            Chunk::Local(v) => v,
         }
     }
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::put_frame_header;
+pub(crate) use super::route::RouteAd;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"CHANSERV";
@@ -22,6 +23,7 @@ pub(crate) const MAX_NAME_LEN: usize = 255;
 
 const OPEN_DIAL: u8 = 0;
 const OPEN_CONTROL: u8 = 1;
+const OPEN_RELAY: u8 = 2;
 
 const STATUS_ACCEPTED: u8 = 0;
 const STATUS_NO_SUCH_ADDRESS: u8 = 1;
@@ -32,6 +34,7 @@ const CTL_PING: u8 = 2;
 const CTL_PONG: u8 = 3;
 const CTL_ROTATE: u8 = 4;
 const CTL_REFUSED: u8 = 5;
+const CTL_ROUTES: u8 = 6;
 
 /// Largest control message: a NAMES message of thousands of names fits.
 pub(crate) const CONTROL_LIMIT: usize = 16 << 20;
@@ -106,6 +109,17 @@ pub(crate) enum Open {
     Dial(String),
     /// The link's control stream.
     Control,
+    /// A stream for `target` (a service name or `:port`) on the node `node`, which
+    /// may be beyond the acceptor: a node that is not `node` relays it onward while
+    /// `ttl` (hops left, counting this one) allows.
+    Relay {
+        /// Hops the stream may still take, this one included (at least 1).
+        ttl: u8,
+        /// The node the target is on.
+        node: u64,
+        /// The target on that node: a service name or `:port`.
+        target: String,
+    },
 }
 
 /// What an incremental decoder made of the bytes so far.
@@ -131,6 +145,15 @@ impl Open {
                 dst.put_u8(n);
                 dst.put_slice(target.as_bytes());
             }
+            Open::Relay { ttl, node, target } => {
+                let n = name_len(target)?;
+                dst.reserve(11 + target.len());
+                dst.put_u8(OPEN_RELAY);
+                dst.put_u8(*ttl);
+                dst.put_u64_le(*node);
+                dst.put_u8(n);
+                dst.put_slice(target.as_bytes());
+            }
         }
         Ok(())
     }
@@ -148,6 +171,23 @@ impl Open {
                 let target = std::str::from_utf8(&rest[..n])
                     .map_err(|_| Error::Protocol("address is not UTF-8".into()))?;
                 Ok(Partial::Done(Open::Dial(target.to_owned()), 2 + n))
+            }
+            [OPEN_RELAY, rest @ ..] if rest.len() < 10 => Ok(Partial::Need(10 - rest.len())),
+            [OPEN_RELAY, ttl, rest @ ..] => {
+                let node = u64::from_le_bytes(rest[..8].try_into().expect("checked"));
+                let n = usize::from(rest[8]);
+                let rest = &rest[9..];
+                if rest.len() < n {
+                    return Ok(Partial::Need(n - rest.len()));
+                }
+                let target = std::str::from_utf8(&rest[..n])
+                    .map_err(|_| Error::Protocol("address is not UTF-8".into()))?;
+                let open = Open::Relay {
+                    ttl: *ttl,
+                    node,
+                    target: target.to_owned(),
+                };
+                Ok(Partial::Done(open, 11 + n))
             }
             [k, ..] => Err(Error::Protocol(format!("unknown stream kind {k}"))),
         }
@@ -206,6 +246,9 @@ pub(crate) enum Control {
     /// Names of the receiver's NAMES that the sender does not route to it (its
     /// identity may not announce them; see `mux/authz.rs`).
     Refused(BTreeSet<String>),
+    /// Every node the sender can reach, with the path and names it knows of each
+    /// (see `proto/route.rs`).
+    Routes(Vec<RouteAd>),
     /// A kind this version does not know (a newer peer's); ignored.
     Unknown(u8),
 }
@@ -220,6 +263,7 @@ impl Control {
             Control::Pong => CTL_PONG,
             Control::Rotate => CTL_ROTATE,
             Control::Unknown(k) => *k,
+            Control::Routes(ads) => return super::route::encode_routes(ads, CTL_ROUTES, dst),
             Control::Names(names) | Control::Refused(names) => {
                 let kind = match self {
                     Control::Names(_) => CTL_NAMES,
@@ -257,6 +301,7 @@ impl Control {
             CTL_ROTATE => Control::Rotate,
             CTL_NAMES => Control::Names(decode_names(body)),
             CTL_REFUSED => Control::Refused(decode_names(body)),
+            CTL_ROUTES => Control::Routes(super::route::decode_routes(body)),
             other => Control::Unknown(other),
         })
     }
@@ -296,7 +341,7 @@ mod tests {
             Just(Control::Ping),
             Just(Control::Pong),
             Just(Control::Rotate),
-            (6u8..).prop_map(Control::Unknown),
+            (7u8..).prop_map(Control::Unknown),
             proptest::collection::btree_set("[a-z0-9:]{0,40}|.{0,80}", 0..8)
                 .prop_map(Control::Names),
             proptest::collection::btree_set("[a-z0-9:]{0,40}", 0..4).prop_map(Control::Refused),
@@ -323,11 +368,18 @@ mod tests {
         }
 
         #[test]
-        fn open_round_trips_in_any_split(target in ".{0,60}", control: bool, extra: Vec<u8>) {
-            let open = if control || target.len() > MAX_NAME_LEN {
-                Open::Control
-            } else {
-                Open::Dial(target)
+        fn open_round_trips_in_any_split(
+            target in ".{0,60}",
+            kind in 0u8..3,
+            ttl: u8,
+            node: u64,
+            extra: Vec<u8>,
+        ) {
+            let open = match kind {
+                _ if target.len() > MAX_NAME_LEN => Open::Control,
+                0 => Open::Dial(target),
+                1 => Open::Relay { ttl, node, target },
+                _ => Open::Control,
             };
             let mut wire = BytesMut::new();
             open.encode(&mut wire).unwrap();
@@ -387,6 +439,14 @@ mod tests {
         Open::Dial("ab".into()).encode(&mut b).unwrap();
         Open::Control.encode(&mut b).unwrap();
         assert_eq!(&b[..], &[0, 2, b'a', b'b', 1]);
+        let mut b = BytesMut::new();
+        let relay = Open::Relay {
+            ttl: 16,
+            node: 0x0102_0304_0506_0708,
+            target: ":7".into(),
+        };
+        relay.encode(&mut b).unwrap();
+        assert_eq!(&b[..], &[2, 16, 8, 7, 6, 5, 4, 3, 2, 1, 2, b':', b'7']);
         let statuses = [Status::Accepted, Status::NoSuchAddress, Status::Refused];
         assert_eq!(statuses.map(Status::encode), [0, 1, 2]);
         let mut b = BytesMut::new();

@@ -13,6 +13,7 @@
 //! - `chanserv` — "chanserv": the request, the server's messages on the master stream,
 //!   the prefix of a child stream.
 //! - `credit` — "Credit": what a client writes back on a child stream.
+//! - `route` — "Routing": the ROUTES control message, a path-vector table.
 //! - `fuzzing` (only with `--cfg fuzzing`) — every decoder above behind one function,
 //!   for the fuzz targets in `fuzz/`; public as `chanserv::fuzzing`.
 //!
@@ -28,6 +29,7 @@ pub mod frame;
 #[cfg(fuzzing)]
 pub mod fuzzing;
 pub(crate) mod link;
+pub(crate) mod route;
 
 use bytes::{BufMut, BytesMut};
 
