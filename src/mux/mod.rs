@@ -38,6 +38,9 @@ mod registry;
 mod stats;
 mod stream;
 mod tls;
+mod tls_handshake;
+mod tls_io;
+mod tls_record;
 
 pub use crate::proto::link::PROTOCOL_VERSION;
 pub use config::NodeConfig;
