@@ -60,7 +60,9 @@
 //!   (the per-link send budget), `lifeline` (how a dead link fails every stream on
 //!   it), `tls` ([`TlsConfig`]: mutual TLS 1.3 under a link, peer identities),
 //!   `authz` (which names an authenticated peer may announce, one identity per node
-//!   id), `stats` ([`NodeStats`]: the links, their RTT, bytes and streams).
+//!   id), `stats` ([`NodeStats`]: the links, their RTT, bytes and streams), `stdio`
+//!   ([`ChildNode`]: a link to a child process over its stdin and stdout, and
+//!   [`Node::serve_stdio`], a node served on its own).
 //! - `server/` — [`Server`]: `config`, `request` (reads a request, runs your source
 //!   function, announces the sources), `pump` (one source's child stream, batched,
 //!   watched for the client leaving), `stats` ([`ServiceStats`]: counters and the
@@ -89,9 +91,13 @@
 //!   by a dead link, a timeout, a reset or a server-side failure yields `Some(Err)`
 //!   first. The wire carries an explicit end marker, so this holds on any multiplexer.
 //! - **Order and exactly-once** within a source.
-//! - **Backpressure end to end.** A consumer that stops reading a source stops its
-//!   producer once [`ClientConfig::frame_buffer_size`] frames and the multiplexer
-//!   window are full; other sources keep flowing.
+//! - **Backpressure end to end, in bytes.** A consumer that stops reading a source
+//!   stops its producer once the source's credit is used: 16 KiB to start, grown only
+//!   while the consumer waits on the link, within [`ClientConfig::receive_budget`]
+//!   (the bound is in [`ClientConfig`]'s "Memory"); other sources keep flowing.
+//! - **Delivery confirmation.** [`SourceSender::flush`] resolves once the consumer
+//!   took every frame sent before it; [`Source::with_outcome`] and
+//!   [`SourceSender::finish`] report the source's [`Outcome`].
 //! - **Cancellation.** Dropping a [`Source`] or [`Sources`] resets its stream(s); the
 //!   server drops the producer.
 //! - **Bad input** is an [`Error`], never a panic or an allocation a peer can inflate.
@@ -159,11 +165,13 @@ pub use bytes::Bytes;
 pub use client::{Client, ClientConfig, ClientStats, RequestStats, Scatter, Sources};
 pub use error::{BoxError, Error, ErrorFn, Result, Timeout};
 pub use mux::{
-    Addr, DialOptions, Joined, LinkEvent, LinkEvents, LinkState, LinkStats, Listener, Multiplexer,
-    MuxStream, Node, NodeConfig, NodeId, NodeListener, NodeStats, PeerInfo, TlsConfig,
+    Addr, ChildNode, DialOptions, Joined, LinkEvent, LinkEvents, LinkState, LinkStats, Listener,
+    Multiplexer, MuxStream, Node, NodeConfig, NodeId, NodeListener, NodeStats, PeerInfo, TlsConfig,
     PROTOCOL_VERSION,
 };
 pub use server::{
     BlockedSource, MaxErrorMassFn, ServeHandle, Server, ServerConfig, ServiceStats, SourceItem,
 };
-pub use source::{Meta, Request, RequestTag, Source, SourceSender, TrySendError};
+pub use source::{
+    Meta, Outcome, OutcomeFuture, Request, RequestTag, Source, SourceSender, TrySendError,
+};

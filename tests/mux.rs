@@ -179,7 +179,8 @@ async fn wrong_handshake_is_a_clear_error() {
     let (x, mut y) = tokio::io::duplex(1024);
     tokio::spawn(async move {
         let mut h = b"CHANSERV".to_vec();
-        h.extend_from_slice(&99u16.to_le_bytes());
+        // A version 1 peer (it never writes credit): refused, saying both versions.
+        h.extend_from_slice(&1u16.to_le_bytes());
         h.extend_from_slice(&7u64.to_le_bytes());
         h.extend_from_slice(&16u32.to_le_bytes());
         y.write_all(&h).await.unwrap();
@@ -188,13 +189,7 @@ async fn wrong_handshake_is_a_clear_error() {
     });
     let err = n.attach(x, true).await.unwrap_err();
     assert!(
-        matches!(
-            err,
-            Error::VersionMismatch {
-                ours: 1,
-                theirs: 99
-            }
-        ),
+        matches!(err, Error::VersionMismatch { ours: 2, theirs: 1 }),
         "{err}"
     );
 }
@@ -207,7 +202,7 @@ async fn keepalive_detects_a_silent_link() {
     // A peer that completes the handshake and then never says another word.
     let silent = tokio::spawn(async move {
         let mut h = b"CHANSERV".to_vec();
-        h.extend_from_slice(&1u16.to_le_bytes());
+        h.extend_from_slice(&chanserv::PROTOCOL_VERSION.to_le_bytes());
         h.extend_from_slice(&7u64.to_le_bytes());
         h.extend_from_slice(&16u32.to_le_bytes());
         y.write_all(&h).await.unwrap();

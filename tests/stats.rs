@@ -81,7 +81,7 @@ async fn a_slow_consumer_is_named_while_it_holds_a_source_back() {
         let mut sources = client.lookup_and_post("svc", "", &[]).await.unwrap();
         let mut s = sources.next().await.unwrap().unwrap();
         s.next().await.unwrap().unwrap();
-        // The consumer stops reading: the windows fill and the pump waits on it.
+        // The consumer stops reading: its credit runs out and the pump waits on it.
         // Nothing signals that moment, so look until it shows (bounded by T).
         let blocked = loop {
             let st = svc.stats();
@@ -106,7 +106,8 @@ async fn a_slow_consumer_is_named_while_it_holds_a_source_back() {
         assert_eq!((st.sources_cut, st.sources_completed), (1, 0));
         assert!(st.blocked.is_empty(), "a cut source is no longer blocked");
         assert!(st.backpressure_wait > Duration::ZERO);
-        assert!(st.frames_sent > 1);
+        // The first 16 KiB frame fills the source's initial credit on its own.
+        assert!(st.frames_sent >= 1);
     })
     .await
     .expect("hung");

@@ -12,7 +12,8 @@
 //!   place errors are printed (one line on stderr, never a backtrace).
 //! - `mesh`: a node from flags (identity, keep-alive, listen, join), link events,
 //!   signals. Every subcommand starts its node there. `tls`: the TLS flags and the
-//!   `TlsConfig` loaded from them.
+//!   `TlsConfig` loaded from them. `stdio`: `--spawn CMD` (a node in a child process,
+//!   linked over its stdin and stdout) and `--stdio` (this node served on its own).
 //! - `config`: `chanserv node --config FILE` (TOML) merged with the flags.
 //! - `node`: `chanserv node`. `relay`: how a node forwards the services of the nodes
 //!   joined to it (the library routes a name over one link only).
@@ -32,6 +33,14 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+/// One event line on stdout (`println!`), unless stdout carries a link: see
+/// [`stdio::say`].
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::stdio::say(format_args!($($arg)*))
+    };
+}
+
 mod admin;
 mod config;
 mod exec;
@@ -45,6 +54,7 @@ mod query;
 mod relay;
 mod serve;
 mod stats;
+mod stdio;
 mod tls;
 mod units;
 

@@ -1,14 +1,15 @@
 //! A node from the command line: the flags every subcommand shares (identity,
-//! keep-alive, listen, join, TLS), the node they make, its link events as lines, and the
-//! signals that stop it. It owns no service: the subcommands bind those.
+//! keep-alive, listen, join, spawn, stdio, TLS), the node they make, its link events as
+//! lines, and the signals that stop it. It owns no service: the subcommands bind those.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use chanserv::{Joined, LinkEvent, LinkEvents, Node, NodeConfig};
+use chanserv::{ChildNode, Joined, LinkEvent, LinkEvents, Node, NodeConfig};
 use futures::StreamExt;
 
+use crate::stdio::StdioLink;
 use crate::tls::TlsArgs;
 use crate::units::{hex, parse_duration, parse_node_id};
 use crate::Fail;
@@ -27,7 +28,12 @@ pub struct JoinArgs {
     /// Join the node listening on this Unix socket (repeatable).
     #[arg(long = "join-unix", value_name = "PATH")]
     pub join_unix: Vec<PathBuf>,
-    /// Longest wait for each join, TCP connect and handshake [default: 10s].
+    /// Run this command (with `sh -c`) and link to the node it serves on its stdin and
+    /// stdout, e.g. `chanserv serve NAME --echo --stdio` or `ssh HOST chanserv node
+    /// --stdio` (repeatable). The child is killed when this process exits.
+    #[arg(long = "spawn", value_name = "CMD")]
+    pub spawn: Vec<String>,
+    /// Longest wait for each join or spawn, connect and handshake [default: 10s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub connect_timeout: Option<Duration>,
 }
@@ -43,6 +49,11 @@ pub struct ListenArgs {
     /// left by a killed node is taken over).
     #[arg(long = "listen-unix", value_name = "PATH")]
     pub listen_unix: Vec<PathBuf>,
+    /// Serve this node on stdin and stdout: one link, to the process that started this
+    /// one (another chanserv's `--spawn`). Nothing is printed then (stdout is the
+    /// link; errors go to stderr), and the node stops when the link ends.
+    #[arg(long)]
+    pub stdio: bool,
 }
 
 /// Who this node is and how it keeps its links alive.
@@ -80,6 +91,10 @@ pub struct Mesh {
     pub listening: Vec<String>,
     /// Each joined address (as given) and its handle; dropping one leaves.
     pub joined: Vec<(String, Joined)>,
+    /// Each `--spawn` command's child; dropping one kills it.
+    pub spawned: Vec<ChildNode>,
+    /// The node served on stdio (`--stdio`), until that link ends.
+    pub stdio: Option<StdioLink>,
     /// Subscribed before the first join, so no link of ours goes unseen.
     pub events: LinkEvents,
     /// Its TLS identity (its certificate's first DNS name); `None`: plaintext links.
@@ -127,6 +142,8 @@ impl Plan {
             node,
             listening: Vec::new(),
             joined: Vec::new(),
+            spawned: Vec::new(),
+            stdio: None,
             events,
             identity,
             unix_paths: Vec::new(),
@@ -157,8 +174,15 @@ impl Plan {
         }
         for path in &self.join.join_unix {
             let shown = format!("unix:{}", path.display());
-            let j = bounded(within, &shown, mesh.node.join_unix(path)).await?;
+            let j = bounded(within, "join", &shown, mesh.node.join_unix(path)).await?;
             mesh.joined.push((shown, j));
+        }
+        for cmd in &self.join.spawn {
+            let child = crate::stdio::spawn(&mesh.node, cmd, within).await?;
+            mesh.spawned.push(child);
+        }
+        if self.listen.stdio {
+            mesh.stdio = Some(crate::stdio::start(&mesh.node));
         }
         Ok(mesh)
     }
@@ -190,7 +214,7 @@ async fn join_tcp(node: &Node, addr: &str, within: Duration) -> Result<Joined, F
         .collect();
     let mut last = Fail::usage(format!("cannot join {addr}: it resolves to no address"));
     for sa in resolved {
-        match bounded(within, addr, node.join(sa)).await {
+        match bounded(within, "join", addr, node.join(sa)).await {
             Ok(j) => return Ok(j),
             Err(f) => last = f,
         }
@@ -198,37 +222,43 @@ async fn join_tcp(node: &Node, addr: &str, within: Duration) -> Result<Joined, F
     Err(last)
 }
 
-async fn bounded(
+/// `link` (a join or a spawn, `verb` says which), its failure or its taking longer
+/// than `within` as one line.
+pub async fn bounded<T>(
     within: Duration,
+    verb: &str,
     shown: &str,
-    join: impl std::future::Future<Output = chanserv::Result<Joined>>,
-) -> Result<Joined, Fail> {
-    match tokio::time::timeout(within, join).await {
+    link: impl std::future::Future<Output = chanserv::Result<T>>,
+) -> Result<T, Fail> {
+    match tokio::time::timeout(within, link).await {
         Ok(Ok(j)) => Ok(j),
         Ok(Err(e)) => Err(Fail::usage(format!(
-            "cannot join {shown}: {}",
+            "cannot {verb} {shown}: {}",
             describe(&e)
         ))),
         Err(_) => Err(Fail::usage(format!(
-            "cannot join {shown}: no link within {within:?} (--connect-timeout)"
+            "cannot {verb} {shown}: no link within {within:?} (--connect-timeout)"
         ))),
     }
 }
 
 impl Mesh {
     /// Prints who this node is: `node <id>`, `identity <name>` (its TLS identity,
-    /// with TLS only), a `listen <addr>` per address and a `joined <addr> <peer id>`
-    /// per join.
+    /// with TLS only), a `listen <addr>` per address, a `joined <addr> <peer id>`
+    /// per join and a `spawned child:<pid> <peer id>` per spawned child.
     pub fn print_identity(&self) {
-        println!("node {}", hex(self.node.id()));
+        say!("node {}", hex(self.node.id()));
         if let Some(identity) = &self.identity {
-            println!("identity {identity}");
+            say!("identity {identity}");
         }
         for l in &self.listening {
-            println!("listen {l}");
+            say!("listen {l}");
         }
         for (addr, j) in &self.joined {
-            println!("joined {addr} {}", hex(j.peer()));
+            say!("joined {addr} {}", hex(j.peer()));
+        }
+        for c in &self.spawned {
+            say!("spawned child:{} {}", c.pid(), hex(c.peer()));
         }
     }
 
@@ -241,8 +271,8 @@ impl Mesh {
             format!("{} {}{}", hex(p.node), p.addr, id.unwrap_or_default())
         };
         match self.events.next().await {
-            Some(LinkEvent::Up(p)) => println!("link up {}", who(&p)),
-            Some(LinkEvent::Down(p)) => println!("link down {}", who(&p)),
+            Some(LinkEvent::Up(p)) => say!("link up {}", who(&p)),
+            Some(LinkEvent::Down(p)) => say!("link down {}", who(&p)),
             Some(LinkEvent::Names {
                 node,
                 added,
@@ -252,23 +282,33 @@ impl Mesh {
                 let added = added.iter().map(|n| format!(" +{n}"));
                 let removed = removed.iter().map(|n| format!(" -{n}"));
                 let changes: String = added.chain(removed).collect();
-                println!("names {}{changes}", hex(node));
+                say!("names {}{changes}", hex(node));
             }
-            Some(LinkEvent::Missed(n)) => println!("link missed {n}"),
-            Some(other) => println!("link {other:?}"),
+            Some(LinkEvent::Missed(n)) => say!("link missed {n}"),
+            Some(other) => say!("link {other:?}"),
             None => std::future::pending().await,
         }
     }
 
     /// Closes every link and listener, waiting at most `within`, and removes the Unix
-    /// sockets this node listened on.
+    /// sockets this node listened on. Spawned children, whose links closed, have
+    /// what is left of `within` to exit; then they are killed.
     pub async fn shutdown(self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
         drop(self.joined);
         if tokio::time::timeout(within, self.node.shutdown())
             .await
             .is_err()
         {
             tracing::warn!("the node did not shut down within {within:?}");
+        }
+        for mut child in self.spawned {
+            let pid = child.pid();
+            match tokio::time::timeout_at(deadline, child.wait()).await {
+                Ok(Ok(status)) => tracing::debug!(pid, "child exited: {status}"),
+                Ok(Err(e)) => tracing::warn!(pid, "waiting for the child: {e}"),
+                Err(_) => tracing::warn!(pid, "the child did not exit in time: killed"),
+            }
         }
         for p in &self.unix_paths {
             // Gone already is fine.
@@ -311,14 +351,19 @@ impl Signals {
     }
 }
 
-/// Runs `mesh` until a signal: prints its link events meanwhile. Returns the signal.
+/// Runs `mesh` until a signal, or until its stdio link ends (`--stdio`): prints its
+/// link events meanwhile. Returns the signal, or `stdio-closed`.
 pub async fn until_signal(mesh: &mut Mesh, signals: &mut Signals) -> &'static str {
-    loop {
+    let mut stdio = mesh.stdio.take();
+    let why = loop {
         tokio::select! {
-            sig = signals.recv() => return sig,
+            sig = signals.recv() => break sig,
+            () = crate::stdio::ended(&mut stdio) => break "stdio-closed",
             () = mesh.print_next_event() => {}
         }
-    }
+    };
+    mesh.stdio = stdio;
+    why
 }
 
 /// Runs `stop` (a graceful shutdown), unless a second signal comes first: then the

@@ -5,7 +5,8 @@
 //! Lines on stdout, one event each: `node <id>`, `identity <name>` (its TLS
 //! identity, with TLS only), `listen <addr>`, `joined <addr> <peer>`, `metrics
 //! <addr>` (with `--metrics`), `ready`, then `link up|down <peer>`, `relay add|remove
-//! <name>`, and at the end `shutdown <signal>` and `stopped`.
+//! <name>`, and at the end `shutdown <signal>` and `stopped`. With `--stdio`, none:
+//! stdout is the link, and the node stops when it ends (`shutdown stdio-closed`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,6 +29,7 @@ Examples:
   chanserv node --listen 0.0.0.0:7000 --name hub-1 --join 10.0.0.2:7000
   chanserv node --listen 127.0.0.1:0 --listen-unix /tmp/chanserv.sock --grace 2s
   chanserv node --listen 127.0.0.1:7000 --metrics 127.0.0.1:9100   # GET /metrics
+  chanserv node --listen 127.0.0.1:7000 --spawn 'ssh host-2 chanserv node --stdio'
   chanserv node --listen 0.0.0.0:7000 --tls-cert hub-1.pem --tls-key hub-1.key --tls-ca ca.pem
   chanserv node --config node.toml     # keys: id name listen listen_unix join join_unix
                                        # keepalive keepalive_timeout connect_timeout grace relay
@@ -92,11 +94,11 @@ pub async fn run(args: Args) -> Result<u8, Fail> {
     };
     mesh.print_identity();
     if let Some(m) = &metrics {
-        println!("metrics {}", m.addr);
+        say!("metrics {}", m.addr);
     }
-    println!("ready");
+    say!("ready");
     let sig = mesh::until_signal(&mut mesh, &mut signals).await;
-    println!("shutdown {sig}");
+    say!("shutdown {sig}");
     let deadline = tokio::time::Instant::now() + grace;
     let stop = async {
         let relay = async {
@@ -108,7 +110,7 @@ pub async fn run(args: Args) -> Result<u8, Fail> {
         mesh.shutdown(left(deadline)).await;
     };
     mesh::stop_or_second_signal(&mut signals, stop).await;
-    println!("stopped");
+    say!("stopped");
     Ok(0)
 }
 

@@ -27,6 +27,7 @@ Examples:
   chanserv post files --join 127.0.0.1:7000 --out ./got
   echo hello | chanserv post upper - --join 127.0.0.1:7000 --output raw
   chanserv post files --join 127.0.0.1:7000 --output json --timeout 2s
+  chanserv post ping hello --spawn 'chanserv serve ping --echo --stdio'
 
 Output (--output): text: `source <i> \"<header>\"`, the frames as text, `end <i> ...` or
 `error <i> ...: <message>`; hex: a `frame <i> <len> <hex>` line per frame; raw: only the
@@ -79,8 +80,10 @@ pub struct Args {
 
 /// Posts, prints, and says how it went.
 pub async fn run(args: Args) -> Result<u8, Fail> {
-    if args.join.join.is_empty() && args.join.join_unix.is_empty() {
-        return Err(Fail::usage("post needs --join or --join-unix (see --help)"));
+    if args.join.join.is_empty() && args.join.join_unix.is_empty() && args.join.spawn.is_empty() {
+        return Err(Fail::usage(
+            "post needs --join, --join-unix or --spawn (see --help)",
+        ));
     }
     let body = read_body(args.body.as_deref(), args.body_file.as_deref()).await?;
     if let Some(dir) = &args.out {

@@ -84,9 +84,10 @@ pub async fn peers(args: Args) -> Result<u8, Fail> {
 
 /// Joins the one node of `args` and posts `what` to its admin service.
 pub async fn ask<T: DeserializeOwned>(args: &Args, what: &str) -> Result<(String, T), Fail> {
-    if args.join.join.len() + args.join.join_unix.len() != 1 {
+    let j = &args.join;
+    if j.join.len() + j.join_unix.len() + j.spawn.len() != 1 {
         return Err(Fail::usage(
-            "give the node to ask: exactly one --join or --join-unix",
+            "give the node to ask: exactly one --join, --join-unix or --spawn",
         ));
     }
     let plan = Plan {
@@ -95,9 +96,10 @@ pub async fn ask<T: DeserializeOwned>(args: &Args, what: &str) -> Result<(String
         ..Plan::default()
     };
     let mesh = plan.start().await?;
-    let (shown, peer) = {
-        let (shown, j) = &mesh.joined[0];
-        (shown.clone(), j.peer())
+    let (shown, peer) = match (mesh.joined.first(), mesh.spawned.first()) {
+        (Some((shown, j)), _) => (shown.clone(), j.peer()),
+        (None, Some(c)) => (format!("child:{}", c.pid()), c.peer()),
+        (None, None) => return Err(Fail::usage("no node to ask")),
     };
     let r = post_admin(&mesh.node, peer, what, args.timeout).await;
     mesh.shutdown(Duration::from_secs(1)).await;

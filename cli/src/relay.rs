@@ -119,7 +119,7 @@ fn sync(node: &Node, client: &Client, served: &Served) {
         .filter(|name| !is_reserved(name) && !origins(node, name).is_empty())
         .collect();
     for name in served.retain(|name| wanted.contains(name)) {
-        println!("relay remove {name}");
+        say!("relay remove {name}");
     }
     for name in wanted {
         if served.contains(&name) {
@@ -127,7 +127,7 @@ fn sync(node: &Node, client: &Client, served: &Served) {
         }
         match relay_one(node, client, &name) {
             Ok(h) => {
-                println!("relay add {name}");
+                say!("relay add {name}");
                 served.insert(name, h);
             }
             Err(e) => tracing::warn!("cannot relay {name}: {e}"),

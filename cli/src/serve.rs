@@ -4,8 +4,9 @@
 //! `exec`), or the request body (`--echo`). It answers the admin service too.
 //!
 //! Lines on stdout: `node <id>`, `identity <name>` (with TLS), `listen <addr>`,
-//! `joined <addr> <peer>`, `serving <name>`, `metrics <addr>` (with `--metrics`),
-//! `ready`, link events, `shutdown <signal>`, `stopped`.
+//! `joined <addr> <peer>`, `spawned child:<pid> <peer>`, `serving <name>`, `metrics
+//! <addr>` (with `--metrics`), `ready`, link events, `shutdown <signal>`, `stopped`;
+//! none with `--stdio`, where stdout is the link.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +34,7 @@ Examples:
   chanserv serve upper --join 127.0.0.1:7000 --exec tr a-z A-Z
   chanserv serve sh --join 127.0.0.1:7000 --exec sh -c 'wc -c; date'
   chanserv serve ping --join 127.0.0.1:7000 --echo --metrics 127.0.0.1:9101
+  chanserv post ping hello --spawn 'chanserv serve ping --echo --stdio'   # a child node
 
 --dir: each regular file of PATH (not its subdirectories) is a source, its file name the
 header, its contents the frames, --chunk bytes each; the request body is ignored.
@@ -97,14 +99,18 @@ pub async fn run(args: Args) -> Result<u8, Fail> {
     };
     if plan.join.join.is_empty()
         && plan.join.join_unix.is_empty()
+        && plan.join.spawn.is_empty()
         && plan.listen.listen.is_empty()
         && plan.listen.listen_unix.is_empty()
+        && !plan.listen.stdio
     {
         let hint = match args.exec {
             Some(_) => " (--exec takes the rest of the line: put it last)",
             None => " (see --help)",
         };
-        return Err(Fail::usage(format!("serve needs --join or --listen{hint}")));
+        return Err(Fail::usage(format!(
+            "serve needs --join, --listen or --stdio{hint}"
+        )));
     }
     if let Some(dir) = &args.dir {
         if !dir.is_dir() {
@@ -131,13 +137,13 @@ pub async fn run(args: Args) -> Result<u8, Fail> {
     let metrics = prom::start(&args.metrics, &mesh.node, &info).await?;
     let admin = admin::serve(&mesh.node, info)?;
     mesh.print_identity();
-    println!("serving {name}");
+    say!("serving {name}");
     if let Some(m) = &metrics {
-        println!("metrics {}", m.addr);
+        say!("metrics {}", m.addr);
     }
-    println!("ready");
+    say!("ready");
     let sig = mesh::until_signal(&mut mesh, &mut signals).await;
-    println!("shutdown {sig}");
+    say!("shutdown {sig}");
     let deadline = tokio::time::Instant::now() + args.grace;
     let stop = async {
         let service =
@@ -146,7 +152,7 @@ pub async fn run(args: Args) -> Result<u8, Fail> {
         mesh.shutdown(crate::node::left(deadline)).await;
     };
     mesh::stop_or_second_signal(&mut signals, stop).await;
-    println!("stopped");
+    say!("stopped");
     Ok(0)
 }
 

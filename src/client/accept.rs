@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::{Routes, Slot};
@@ -33,9 +33,17 @@ pub(super) async fn accept_children<L: Listener>(
             r = listener.accept() => match r {
                 Ok((mut s, _)) => prefixes.push(async move {
                     let mut p = [0u8; ChildPrefix::LEN];
-                    let r = tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut p)).await;
+                    // The flush sends the accepted status now: a stream whose consumer
+                    // has not reached it yet must not count among the link's
+                    // unacknowledged opens, or the server could open no more (and
+                    // the one source the consumer waits for might be among those).
+                    let prefix = async {
+                        s.read_exact(&mut p).await?;
+                        s.flush().await
+                    };
+                    let r = tokio::time::timeout(Duration::from_secs(30), prefix).await;
                     match r {
-                        Ok(Ok(_)) => ChildPrefix::decode(&p).map(|p| (p, s)),
+                        Ok(Ok(())) => ChildPrefix::decode(&p).map(|p| (p, s)),
                         Ok(Err(e)) => Err(from_io(e)),
                         Err(_) => Err(Error::Timeout(Timeout::ChanAccept)),
                     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::error::{Error, ErrorFn};
 use crate::frame::{FrameCodec, FRAME_SIZE_LIMIT};
+use crate::source::ReceiveBudget;
 
 /// [`Client`](super::Client) settings, Go's `ClientOption`s with the same defaults:
 ///
@@ -20,6 +21,28 @@ use crate::frame::{FrameCodec, FRAME_SIZE_LIMIT};
 /// | `frame_read_timeout` | none |
 /// | `chan_accept_timeout` | 60 s |
 /// | `frame_size_limit` | 100 MiB |
+/// | `max_source_window` | 16 MiB |
+/// | `receive_budget` | 16 MiB |
+///
+/// # Memory
+///
+/// What a client holds for its sources is bounded in bytes as well as in frames.
+/// Each source starts with 16 KiB of credit (the protocol's initial window): the
+/// server sends no more than that ahead of the consumer, except one frame at a time
+/// when a frame is larger. A window grows (doubling) only while the consumer is
+/// faster than the link, up to `max_source_window`, and all growth of all the
+/// client's sources comes out of one `receive_budget`. So with `S` sources open
+/// (at most the links' `max_streams` each) and `F` the largest frame, the frames a
+/// client holds for its sources, in flight and decoded ahead, cost at most
+///
+/// ```text
+/// S × max(16 KiB, F + 4) + receive_budget
+/// ```
+///
+/// (a frame costs its length plus 4), plus the buffers and state of each open
+/// source: tens of KiB (`tests/memory.rs` allows 64 KiB per source, with both ends in
+/// one process). The server holds a source's frames that do not fit the credit in
+/// its producer (a channel's `capacity`), not in buffers.
 #[derive(Clone)]
 pub struct ClientConfig {
     pub(super) on_error: Option<ErrorFn>,
@@ -31,6 +54,10 @@ pub struct ClientConfig {
     pub(super) frame_read_timeout: Option<Duration>,
     pub(super) chan_accept_timeout: Duration,
     pub(super) frame_size_limit: usize,
+    pub(super) max_source_window: usize,
+    pub(super) receive_budget: usize,
+    /// The budget itself: each client makes its own ([`Self::with_own_budget`]).
+    pub(super) budget: Arc<ReceiveBudget>,
 }
 
 impl fmt::Debug for ClientConfig {
@@ -43,6 +70,8 @@ impl fmt::Debug for ClientConfig {
             .field("master_write_timeout", &self.master_write_timeout)
             .field("frame_read_timeout", &self.frame_read_timeout)
             .field("chan_accept_timeout", &self.chan_accept_timeout)
+            .field("max_source_window", &self.max_source_window)
+            .field("receive_budget", &self.receive_budget)
             .finish_non_exhaustive()
     }
 }
@@ -59,11 +88,20 @@ impl Default for ClientConfig {
             frame_read_timeout: None,
             chan_accept_timeout: Duration::from_secs(60),
             frame_size_limit: FRAME_SIZE_LIMIT,
+            max_source_window: 16 << 20,
+            receive_budget: 16 << 20,
+            budget: Arc::new(ReceiveBudget::new(0)),
         }
     }
 }
 
 impl ClientConfig {
+    /// These settings with a receive budget of their own, for one client.
+    pub(super) fn with_own_budget(mut self) -> Self {
+        self.budget = Arc::new(ReceiveBudget::new(self.receive_budget));
+        self
+    }
+
     /// Called for errors that reach no `Source`: a child stream that could not be
     /// routed, a malformed one.
     #[must_use]
@@ -136,6 +174,26 @@ impl ClientConfig {
     #[must_use]
     pub fn frame_size_limit(mut self, n: usize) -> Self {
         self.frame_size_limit = FrameCodec::new().with_limit(n).limit();
+        self
+    }
+
+    /// The most credit one source may grow to: how far its producer may run ahead
+    /// of its consumer, in bytes. Windows start at 16 KiB and grow only while the
+    /// consumer waits on the link, so this caps one source's throughput over a long
+    /// link at about `max_source_window / RTT` (16 MiB at 20 ms: 800 MiB/s). Values
+    /// are capped at 4 GiB − 1 (the wire's u32).
+    #[must_use]
+    pub fn max_source_window(mut self, bytes: usize) -> Self {
+        self.max_source_window = bytes.min(u32::MAX as usize);
+        self
+    }
+
+    /// The bytes all of this client's sources together may grow their windows by,
+    /// beyond the 16 KiB each starts with (see "Memory" above). 0 keeps every
+    /// source at 16 KiB.
+    #[must_use]
+    pub fn receive_budget(mut self, bytes: usize) -> Self {
+        self.receive_budget = bytes;
         self
     }
 }

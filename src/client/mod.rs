@@ -126,7 +126,7 @@ impl<M: Multiplexer> Client<M> {
         Ok(Client {
             inner: Arc::new(ClientInner {
                 mux,
-                cfg,
+                cfg: cfg.with_own_budget(),
                 reply,
                 routes,
                 next_req: AtomicU64::new(1),

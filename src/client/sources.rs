@@ -19,7 +19,7 @@ use crate::frame::FrameCodec;
 use crate::mux::{poll_read_frames, Addr};
 use crate::proto::chanserv::MasterMsg;
 use crate::source::{
-    poll_ahead, Ahead, ChildStream, Meta, ReadAhead, RemoteFrames, RequestTag, Source,
+    poll_ahead, Ahead, ChildStream, Grant, Meta, ReadAhead, RemoteFrames, RequestTag, Source,
 };
 use crate::tally::Tally;
 
@@ -147,6 +147,7 @@ impl Sources {
                     timer: None,
                     _guard: waiting.then(|| self.guard.clone() as Arc<dyn Send + Sync>),
                     tally: Tally::new(self.tally.recv.clone(), self.tally.live()),
+                    grant: Grant::new(self.cfg.budget.clone(), self.cfg.max_source_window as u32),
                 };
                 self.ahead
                     .push_back(Source::remote(header, self.meta(), frames));

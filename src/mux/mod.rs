@@ -9,7 +9,8 @@
 //! reconnect loop), `stream` ([`MuxStream`]), `budget` (the per-link send budget),
 //! `lifeline` (how a dead link fails its streams), `tls` ([`TlsConfig`]: TLS 1.3 under
 //! a link, peer identities), `authz` (what an authenticated peer may announce),
-//! `stats` ([`NodeStats`]: a snapshot per link, and the counters behind it).
+//! `stats` ([`NodeStats`]: a snapshot per link, and the counters behind it), `stdio`
+//! ([`ChildNode`]: links over a child process's stdin and stdout, or this process's).
 //! Byte layouts are in `PROTOCOL.md` ("Links", "Stream open", "Control stream",
 //! "Security") and `proto/link.rs`.
 
@@ -36,6 +37,7 @@ mod link;
 mod node;
 mod registry;
 mod stats;
+mod stdio;
 mod stream;
 mod tls;
 mod tls_handshake;
@@ -47,6 +49,7 @@ pub use config::NodeConfig;
 pub use join::Joined;
 pub use node::{Node, NodeListener};
 pub use stats::{LinkState, LinkStats, NodeStats};
+pub use stdio::ChildNode;
 pub use stream::MuxStream;
 pub(crate) use stream::{from_io, poll_read_frames, read_frames};
 pub use tls::TlsConfig;
@@ -193,7 +196,7 @@ pub struct PeerInfo {
     /// The peer's node id.
     pub node: NodeId,
     /// Where the link goes, printed as [`LinkStats::addr`] says: `127.0.0.1:7000`,
-    /// `unix:/path`, or `attached`.
+    /// `unix:/path`, `child:<pid>`, `stdio`, or `attached`.
     pub addr: String,
     /// The peer's TLS identity ([`Node::peer_identity`]); `None` on a plaintext or
     /// [`attach`](Node::attach)ed link.

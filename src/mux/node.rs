@@ -164,7 +164,9 @@ impl Node {
     /// shuts down. No reconnection: the node cannot make a new `io`. The stream is
     /// used as it is, even on a node with [`NodeConfig::tls`]: the link has no peer
     /// identity and its names are not checked (a failure that a rustls stream reports
-    /// is still [`Error::Tls`]).
+    /// is still [`Error::Tls`]). A child process's stdio and this process's own have
+    /// their own methods: [`spawn_child`](Self::spawn_child),
+    /// [`serve_stdio`](Self::serve_stdio).
     pub async fn attach<IO>(&self, io: IO, initiator: bool) -> Result<NodeId>
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,

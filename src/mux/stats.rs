@@ -60,8 +60,10 @@ pub struct LinkStats {
     /// Where the link goes, in the form addresses are printed elsewhere: a TCP
     /// address (`127.0.0.1:7000`: the address joined, or the peer's address when
     /// accepted), `unix:<path>` (the path joined, or, when accepted, the path this
-    /// node listens on: a Unix peer has no address of its own), or `attached` for a
-    /// link over a stream given to [`Node::attach`].
+    /// node listens on: a Unix peer has no address of its own), `child:<pid>` for a
+    /// link to a child process ([`Node::spawn_child`]), `stdio` for a node served on
+    /// its stdio ([`Node::serve_stdio`]), or `attached` for a link over a stream given
+    /// to [`Node::attach`].
     pub addr: String,
     /// True when this node opened the link ([`join`](Node::join), or
     /// [`attach`](Node::attach) as the initiator), false when it accepted it.

@@ -46,6 +46,11 @@ const LEN_MASK: u32 = 0x7FFF_FFFF;
 pub(crate) const WORD_END: u32 = FLAG_LZ4;
 /// Header word that aborts a chanserv stream; a plain frame with the reason follows.
 pub(crate) const WORD_ABORT: u32 = FLAG_LZ4 | 1;
+/// Header word that asks the receiver to report (with credit) once its consumer took
+/// every frame before it; nothing follows it.
+pub(crate) const WORD_SYNC: u32 = FLAG_LZ4 | 2;
+/// Header word that says the sender waits for credit; nothing follows it.
+pub(crate) const WORD_BLOCKED: u32 = FLAG_LZ4 | 3;
 
 /// LZ4 emits at most 255 output bytes per input byte (a run-length byte of 255); the
 /// slack covers the last literals. An uncompressed length above this bound is a lie.
@@ -62,6 +67,11 @@ pub enum Item {
     End,
     /// The sender gave up on the stream, with its reason.
     Abort(String),
+    /// The sender waits to hear that every frame before this one was consumed
+    /// (`SourceSender::flush`); it carries no data.
+    Sync,
+    /// The sender waits for credit before its next frame; it carries no data.
+    Blocked,
 }
 
 /// Frame encoder and decoder with a size limit and optional LZ4 compression.
@@ -160,6 +170,16 @@ impl FrameCodec {
         dst.put_u32_le(WORD_END);
     }
 
+    /// Appends the word that asks for a report once what came before was consumed.
+    pub(crate) fn encode_sync(dst: &mut BytesMut) {
+        dst.put_u32_le(WORD_SYNC);
+    }
+
+    /// Appends the word that says the sender waits for credit.
+    pub(crate) fn encode_blocked(dst: &mut BytesMut) {
+        dst.put_u32_le(WORD_BLOCKED);
+    }
+
     /// Appends the word that aborts a stream, and the reason (cut to 64 KiB).
     pub(crate) fn encode_abort(reason: &str, dst: &mut BytesMut) {
         let mut end = reason.len().min(64 * 1024);
@@ -242,6 +262,14 @@ impl FrameCodec {
         }
         if word == WORD_ABORT {
             return decode_abort(src);
+        }
+        if word == WORD_SYNC || word == WORD_BLOCKED {
+            src.advance(HEADER_LEN);
+            return Ok(Some(if word == WORD_SYNC {
+                Item::Sync
+            } else {
+                Item::Blocked
+            }));
         }
         let len = (word & LEN_MASK) as usize;
         self.check_len(len)?;

@@ -5,15 +5,17 @@
 use bytes::{Bytes, BytesMut};
 
 use super::chanserv::{ChildPrefix, MasterMsg, RequestMsg};
+use super::credit::ChildMsg;
 use super::frame::{FrameCodec, HEADER_LEN};
 use super::link::{Control, Handshake, Open, Partial, Status, HANDSHAKE_LEN};
 
 /// How many decoders [`decode_all`] feeds.
-pub const DECODERS: usize = 8;
+pub const DECODERS: usize = 9;
 
 /// Feeds `data` to every decoder of the protocol: a request, a master message, a
 /// child-stream prefix, a handshake, an open header (whole and byte by byte, as it
-/// is read), a status byte, a control message, and the items of a chanserv stream.
+/// is read), a status byte, a control message, the items of a chanserv stream, and
+/// the credit messages a client writes on a child stream.
 /// Whatever decodes must encode back to what was decoded. Returns how many decoded
 /// (at most [`DECODERS`]); a decoder that panics fails the fuzz target.
 pub fn decode_all(data: &[u8]) -> usize {
@@ -27,6 +29,7 @@ pub fn decode_all(data: &[u8]) -> usize {
         status(data),
         control(b),
         chanserv_stream(data),
+        child_msgs(data),
     ]
     .into_iter()
     .filter(|ok| *ok)
@@ -132,6 +135,21 @@ fn chanserv_stream(data: &[u8]) -> bool {
         match codec.decode_item(&mut buf) {
             Ok(Some(_)) => {}
             Ok(None) => return codec.check_eof(&buf).is_ok(),
+            Err(_) => return false,
+        }
+    }
+}
+
+fn child_msgs(data: &[u8]) -> bool {
+    let mut buf = BytesMut::from(data);
+    loop {
+        match ChildMsg::decode(&mut buf) {
+            Ok(Some(m)) => {
+                let mut out = BytesMut::new();
+                m.encode(&mut out);
+                assert_eq!(ChildMsg::decode(&mut out).ok(), Some(Some(m)));
+            }
+            Ok(None) => return buf.is_empty(),
             Err(_) => return false,
         }
     }

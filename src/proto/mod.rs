@@ -12,6 +12,7 @@
 //!   open header and the acceptor's status byte, the control messages.
 //! - `chanserv` — "chanserv": the request, the server's messages on the master stream,
 //!   the prefix of a child stream.
+//! - `credit` — "Credit": what a client writes back on a child stream.
 //! - `fuzzing` (only with `--cfg fuzzing`) — every decoder above behind one function,
 //!   for the fuzz targets in `fuzz/`; public as `chanserv::fuzzing`.
 //!
@@ -22,6 +23,7 @@
 
 pub(crate) mod adaptive;
 pub(crate) mod chanserv;
+pub(crate) mod credit;
 pub mod frame;
 #[cfg(fuzzing)]
 pub mod fuzzing;

@@ -24,6 +24,7 @@ use crate::mux::{from_io, Addr, Listener, Multiplexer};
 use crate::source::{Request, Source};
 
 mod config;
+mod credit;
 mod pump;
 mod request;
 mod stats;

@@ -2,25 +2,28 @@
 //! write the source's frames in batches, end it with END or ABORT, then hold it until
 //! the client is done with it.
 //!
-//! The client never writes on a child stream, so whenever the pump would wait (for
-//! the producer, for window, for the link) it also watches the stream's read side: a
-//! read that returns means the client dropped the source, refused the stream or lost
-//! the link, and the producer is dropped at once, busy or idle. Holding the stream
-//! after END keeps its slot on the link taken until the client let go of it, so what a
-//! client holds for sources it has not reached yet is bounded by the link's slots.
+//! The client writes only credit on a child stream (see `credit`), so whenever the
+//! pump would wait (for the producer, for credit, for window, for the link) it also
+//! reads the stream: credit is applied, and a read that ends means the client dropped
+//! the source, refused the stream or lost the link, and the producer is dropped at
+//! once, busy or idle. Holding the stream after END keeps its slot on the link taken
+//! until the client let go of it, so what a client holds for sources it has not
+//! reached yet is bounded by the link's slots.
 
 use std::collections::VecDeque;
 use std::io;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::poll_fn;
-use futures::{FutureExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use futures::FutureExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 
+use super::credit::Back;
 use super::stats::{Counters, SourceEnd};
 use super::{panic_message, with_timeout, Caught, Ctx, WRITE_BATCH};
 use crate::error::{Error, Result, Timeout};
@@ -28,14 +31,16 @@ use crate::frame::FrameCodec;
 use crate::mux::{from_io, Addr, DialOptions, Multiplexer};
 use crate::proto::adaptive::AdaptiveEncoder;
 use crate::proto::chanserv::ChildPrefix;
-use crate::source::Source;
+use crate::proto::credit::cost;
+use crate::source::{failure_reason, Event, Outcome, Source};
 
 /// A source announced on the master, whose frames go on a child stream.
 pub(super) struct Pump<M> {
     pub(super) ctx: Arc<Ctx<M>>,
     pub(super) source: Caught<Source>,
-    /// Frames taken from the source while it was announced, not written yet.
-    pub(super) ready: VecDeque<Bytes>,
+    /// Frames (and flushes) taken from the source while it was announced, not
+    /// written yet.
+    pub(super) ready: VecDeque<Event>,
     /// How the source ended while it was announced, if it did.
     pub(super) ended: Option<Result<()>>,
     pub(super) reply: String,
@@ -86,6 +91,7 @@ impl<M: Multiplexer> Pump<M> {
             s,
             enc: AdaptiveEncoder::new(self.ctx.codec()),
             wbuf: BytesMut::with_capacity(WRITE_BATCH + 1024),
+            back: Back::new(),
             timeout: self.ctx.cfg.frame_write_timeout,
             stats: self.ctx.stats.clone(),
             key: (self.req_id, self.id),
@@ -97,72 +103,107 @@ impl<M: Multiplexer> Pump<M> {
             source: self.id,
         };
         prefix.encode(&mut child.wbuf);
+        // A failure here drops the source, which tells its watcher the consumer is
+        // gone: the stream is.
         let outcome = match self.frames(&mut child).await {
             Ok(()) => {
                 FrameCodec::encode_end(&mut child.wbuf);
                 Ok(())
             }
             Err(Stop::Failed(e)) => {
-                let reason = match &e {
-                    Error::SourceFailed(m) => m.clone(),
-                    other => other.to_string(),
-                };
-                FrameCodec::encode_abort(&reason, &mut child.wbuf);
+                FrameCodec::encode_abort(&failure_reason(&e), &mut child.wbuf);
                 Err(Stop::Failed(e))
             }
             Err(gone) => return Err(gone),
         };
+        let mut watch = Watch(self.source.take_watch());
         // The producer is done: drop it now, not when the client lets go.
         drop(self);
         child.write(None).await.map_err(Stop::Gone)?;
-        child.finish().await.map_err(Stop::Gone)?;
-        outcome
+        let delivered = child.finish().await.map_err(Stop::Gone)?;
+        match outcome {
+            Err(Stop::Failed(e)) => {
+                watch.say(Outcome::Failed(failure_reason(&e)));
+                Err(Stop::Failed(e))
+            }
+            _ if delivered => {
+                watch.say(Outcome::Delivered);
+                Ok(())
+            }
+            // The consumer let go before it took the end.
+            _ => Ok(()),
+        }
     }
 
     /// Writes frames until the source ends (`Ok`) or fails, or the stream fails.
     async fn frames(&mut self, child: &mut Child<M::Stream>) -> Result<(), Stop> {
-        while let Some(f) = self.ready.pop_front() {
-            if let Some(big) = child.stage(f)? {
-                child.write_batch(big).await?;
-            }
+        while let Some(ev) = self.ready.pop_front() {
+            child.step(ev).await?;
         }
         if let Some(ended) = self.ended.take() {
             return ended.map_err(Stop::Failed);
         }
         loop {
-            let item = match next_frame(&mut self.source).now_or_never() {
-                Some(item) => item,
+            let ev = match next_event(&mut self.source).now_or_never() {
+                Some(ev) => ev,
                 None => {
                     child.write(None).await.map_err(Stop::Gone)?;
                     tokio::select! {
-                        item = next_frame(&mut self.source) => item,
+                        ev = next_event(&mut self.source) => ev,
                         e = child.gone() => return Err(Stop::Gone(e)),
                     }
                 }
             };
-            match item.map_err(Stop::Failed)? {
+            match ev {
                 // Most frames only join the batch: no write future is built for them.
-                Some(f) => {
-                    if let Some(big) = child.stage(f)? {
-                        child.write_batch(big).await?;
-                    }
-                }
+                Some(ev) => match child.stage_now(ev)? {
+                    Step::Staged => {}
+                    Step::Write(big) => child.write_batch(big).await?,
+                    Step::Slow(ev) => child.put(ev).await?,
+                },
                 None => return Ok(()),
             }
         }
     }
 }
 
-/// The source's next frame; a producer that panics fails its own source only.
-async fn next_frame(source: &mut Source) -> Result<Option<Bytes>> {
-    match AssertUnwindSafe(source.next()).catch_unwind().await {
-        Ok(Some(Ok(f))) => Ok(Some(f)),
-        Ok(Some(Err(e))) => Err(e),
-        Ok(None) => Ok(None),
-        Err(p) => Err(Error::SourceFailed(format!(
+/// What [`Child::stage_now`] did with an event.
+enum Step {
+    /// The frame joined the batch.
+    Staged,
+    /// The frame joined the batch, which must be written now (with `big`).
+    Write(Option<Bytes>),
+    /// Not a frame the credit allows: [`Child::put`] waits for what it needs.
+    Slow(Event),
+}
+
+/// The producer's wish to learn the outcome; told `ConsumerGone` unless told else.
+struct Watch(Option<oneshot::Sender<Outcome>>);
+
+impl Watch {
+    fn say(&mut self, outcome: Outcome) {
+        if let Some(w) = self.0.take() {
+            // Err: nobody waits for the outcome any more.
+            drop(w.send(outcome));
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.say(Outcome::ConsumerGone);
+    }
+}
+
+/// The source's next event; a producer that panics fails its own source only.
+async fn next_event(source: &mut Source) -> Option<Event> {
+    let next = poll_fn(|cx| source.poll_event(cx));
+    match AssertUnwindSafe(next).catch_unwind().await {
+        Ok(ev) => ev,
+        Err(p) => Some(Event::Failed(Error::SourceFailed(format!(
             "producer {}",
             panic_message(&p)
-        ))),
+        )))),
     }
 }
 
@@ -172,6 +213,8 @@ struct Child<S> {
     /// The source's encoder: it learns whether the source's frames compress.
     enc: AdaptiveEncoder,
     wbuf: BytesMut,
+    /// The client's credit, read whenever the pump waits.
+    back: Back,
     timeout: Option<std::time::Duration>,
     stats: Arc<Counters>,
     /// (request, source), for the list of blocked sources.
@@ -182,13 +225,74 @@ struct Child<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Child<S> {
-    /// Encodes one frame into the batch. `Some(big)` when the batch must be written
-    /// now: it is full, or the frame is big (`big` then holds its payload, not copied).
+    /// Stages a frame the credit allows without awaiting anything: the common case.
     ///
     /// Synchronous on purpose: an `async` step per frame would build (and move into
     /// the pump's state) a whole write future for every frame, not every batch.
+    fn stage_now(&mut self, ev: Event) -> Result<Step, Stop> {
+        match ev {
+            Event::Frame(f) if self.back.allows(cost(f.len())) => Ok(match self.stage(f)? {
+                Some(big) => Step::Write(big),
+                None => Step::Staged,
+            }),
+            ev => Ok(Step::Slow(ev)),
+        }
+    }
+
+    /// [`stage_now`](Self::stage_now), then whatever it takes.
+    async fn step(&mut self, ev: Event) -> Result<(), Stop> {
+        match self.stage_now(ev)? {
+            Step::Staged => Ok(()),
+            Step::Write(big) => self.write_batch(big).await,
+            Step::Slow(ev) => self.put(ev).await,
+        }
+    }
+
+    /// Stages a frame once the client's credit allows it, or asks the client to
+    /// report when it consumed what was staged so far.
+    async fn put(&mut self, ev: Event) -> Result<(), Stop> {
+        match ev {
+            Event::Frame(f) => {
+                if !self.back.allows(cost(f.len())) {
+                    // The client grows the window when it finds this word and then
+                    // nothing to consume: the window was what held the source back.
+                    FrameCodec::encode_blocked(&mut self.wbuf);
+                    self.write(None).await.map_err(Stop::Gone)?;
+                    self.wait_credit(cost(f.len())).await.map_err(Stop::Gone)?;
+                }
+                if let Some(big) = self.stage(f)? {
+                    self.write_batch(big).await?;
+                }
+                Ok(())
+            }
+            Event::Sync(waiter) => {
+                FrameCodec::encode_sync(&mut self.wbuf);
+                self.back.sync(waiter);
+                self.write(None).await.map_err(Stop::Gone)
+            }
+            Event::Failed(e) => Err(Stop::Failed(e)),
+        }
+    }
+
+    /// Waits until the client's credit lets a frame of `cost` go. The consumer
+    /// holds the source back meanwhile: bounded by the frame write timeout, and
+    /// listed in the service's stats.
+    async fn wait_credit(&mut self, cost: u64) -> Result<()> {
+        let _blocked = self.stats.blocked(self.key, &self.client);
+        let (s, back) = (&mut self.s, &mut self.back);
+        let credit = poll_fn(|cx| match back.poll_gone(s, cx) {
+            Poll::Ready(e) => Poll::Ready(Err(e)),
+            Poll::Pending if back.allows(cost) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        });
+        with_timeout(self.timeout, Timeout::FrameWrite, credit).await
+    }
+
+    /// Encodes one frame into the batch. `Some(big)` when the batch must be written
+    /// now: it is full, or the frame is big (`big` then holds its payload, not copied).
     fn stage(&mut self, f: Bytes) -> Result<Option<Option<Bytes>>, Stop> {
         let len = f.len() as u64;
+        self.back.sent += cost(f.len());
         // A frame the codec refuses (over the limit) fails the source: the client is
         // told why instead of waiting for frames that never come.
         let big = self
@@ -212,7 +316,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Child<S> {
     /// Writes the batch, then `big` (a large payload that is not copied), while
     /// watching the read side. Bounded by the frame write timeout, if any.
     async fn write(&mut self, big: Option<Bytes>) -> Result<()> {
-        let (s, wbuf) = (&mut self.s, &mut self.wbuf);
+        let (s, wbuf, back) = (&mut self.s, &mut self.wbuf, &mut self.back);
         let big = big.unwrap_or_default();
         let (mut done, mut big_done) = (0, 0);
         let write = poll_fn(|cx| {
@@ -229,11 +333,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Child<S> {
                     Poll::Ready(Ok(n)) if done < wbuf.len() => done += n,
                     Poll::Ready(Ok(n)) => big_done += n,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return poll_gone(&mut *s, cx).map(Err),
+                    Poll::Pending => return back.poll_gone(&mut *s, cx).map(Err),
                 }
             }
             match Pin::new(&mut *s).poll_flush(cx) {
-                Poll::Pending => poll_gone(&mut *s, cx).map(Err),
+                Poll::Pending => back.poll_gone(&mut *s, cx).map(Err),
                 r => r,
             }
         });
@@ -255,36 +359,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Child<S> {
         Ok(())
     }
 
-    /// Resolves when the client is gone (see [`poll_gone`]).
+    /// Resolves when the client is gone (see [`Back::poll_gone`]), applying its
+    /// credit meanwhile.
     async fn gone(&mut self) -> Error {
-        from_io(poll_fn(|cx| poll_gone(&mut self.s, cx)).await)
+        let (s, back) = (&mut self.s, &mut self.back);
+        from_io(poll_fn(|cx| back.poll_gone(s, cx)).await)
     }
 
     /// Closes this side (FIN), then holds the stream until the client let go of it.
-    async fn finish(&mut self) -> Result<()> {
+    /// True when the client said its consumer took the end (DONE) before it did.
+    async fn finish(&mut self) -> Result<bool> {
         use tokio::io::AsyncWriteExt;
         with_timeout(self.timeout, Timeout::FrameWrite, self.s.shutdown()).await?;
-        // The client read the end (or dropped the source): either way its side
-        // closes, and what it says about it no longer matters.
-        drop(self.gone().await);
-        Ok(())
-    }
-}
-
-/// Ready when the client is gone: it never writes on a child stream, so a read that
-/// returns (end of stream, reset, a refusal status, a dead link) says so.
-fn poll_gone<S: AsyncRead + Unpin>(s: &mut S, cx: &mut Context<'_>) -> Poll<io::Error> {
-    let mut b = [0u8; 1];
-    let mut rb = ReadBuf::new(&mut b);
-    match Pin::new(s).poll_read(cx, &mut rb) {
-        Poll::Pending => Poll::Pending,
-        Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(io::Error::new(
-            io::ErrorKind::ConnectionReset,
-            "the client closed the source",
-        )),
-        Poll::Ready(Ok(())) => Poll::Ready(io::Error::other(Error::Protocol(
-            "the client wrote on a child stream".into(),
-        ))),
-        Poll::Ready(Err(e)) => Poll::Ready(e),
+        let (s, back) = (&mut self.s, &mut self.back);
+        // The client took the end (DONE) or dropped the source: either way it lets
+        // go, and how its side ends no longer matters.
+        drop(poll_fn(|cx| back.poll_gone(s, cx)).await);
+        Ok(self.back.done)
     }
 }

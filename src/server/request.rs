@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::stream::{Stream, StreamExt};
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -20,7 +20,7 @@ use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, HEADER_LEN};
 use crate::mux::{from_io, read_frames, Addr, Multiplexer};
 use crate::proto::chanserv::{MasterMsg, RequestMsg};
-use crate::source::{Meta, Request, Source};
+use crate::source::{Event, Meta, Request, Source};
 
 type PumpFuture = futures::future::BoxFuture<'static, Result<()>>;
 
@@ -225,17 +225,22 @@ fn announce<M: Multiplexer>(
     let mut ended = None;
     let waker = futures::task::noop_waker();
     let mut cx = Context::from_waker(&waker);
+    let mut inline = !source.is_watched();
     while size <= INLINE_BUDGET {
         // A producer that panics here fails its own source only (it is not polled
         // again: the pump goes straight to its ABORT).
-        let polled =
-            std::panic::catch_unwind(AssertUnwindSafe(|| source.poll_ready_frame(&mut cx)));
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| source.poll_event(&mut cx)));
         match polled {
-            Ok(Poll::Ready(Some(Ok(f)))) => {
+            Ok(Poll::Ready(Some(Event::Frame(f)))) => {
                 size += HEADER_LEN + f.len();
-                ready.push_back(f);
+                ready.push_back(Event::Frame(f));
             }
-            Ok(Poll::Ready(Some(Err(e)))) => ended = Some(Err(e)),
+            Ok(Poll::Ready(Some(Event::Sync(waiter)))) => {
+                // The producer waits for the client's word: not inline.
+                inline = false;
+                ready.push_back(Event::Sync(waiter));
+            }
+            Ok(Poll::Ready(Some(Event::Failed(e)))) => ended = Some(Err(e)),
             Ok(Poll::Ready(None)) => ended = Some(Ok(())),
             Ok(Poll::Pending) => break,
             Err(p) => {
@@ -249,10 +254,19 @@ fn announce<M: Multiplexer>(
             break;
         }
     }
-    if matches!(ended, Some(Ok(()))) && size <= INLINE_BUDGET && !ctx.cfg.compression {
-        MasterMsg::encode_inline(id, source.header(), &ready, wbuf)?;
-        let bytes = ready.iter().map(|f| f.len() as u64).sum();
-        ctx.stats.inline_source(ready.len() as u64, bytes);
+    // A channel's wish to learn the outcome may have come with its last frames.
+    inline &= !source.is_watched();
+    if inline && matches!(ended, Some(Ok(()))) && size <= INLINE_BUDGET && !ctx.cfg.compression {
+        let frames: VecDeque<Bytes> = ready
+            .into_iter()
+            .filter_map(|ev| match ev {
+                Event::Frame(f) => Some(f),
+                _ => None,
+            })
+            .collect();
+        MasterMsg::encode_inline(id, source.header(), &frames, wbuf)?;
+        let bytes = frames.iter().map(|f| f.len() as u64).sum();
+        ctx.stats.inline_source(frames.len() as u64, bytes);
         return Ok(None);
     }
     MasterMsg::encode_announce(id, source.header(), wbuf)?;

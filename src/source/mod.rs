@@ -8,21 +8,25 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use futures::stream::{FusedStream, Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 
 use crate::error::{BoxError, Error, Result};
 use crate::mux::Addr;
 
+mod channel;
+mod grant;
 mod remote;
 
+use channel::ChannelFrames;
+pub use channel::{SourceSender, TrySendError};
+pub(crate) use grant::{Grant, ReceiveBudget};
 pub(crate) use remote::{poll_ahead, Ahead, ChildStream, ReadAhead, RemoteFrames};
 
 /// A tag sent with a request (Go's `RequestTag`).
@@ -90,15 +94,65 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 ///
 /// Dropping a received `Source` resets its child stream; the server then drops the
 /// producer. Dropping a local source drops its producer.
+///
+/// The producer can learn what became of its source: [`with_outcome`](Self::with_outcome)
+/// (or [`SourceSender::finish`]) reports whether the consumer took every frame and the
+/// end, let go of it first, or was told it failed.
 #[must_use = "a source does nothing unless its frames are read; dropping it cancels it"]
 pub struct Source {
     header: Bytes,
     meta: Meta,
     frames: Frames,
+    /// Told the source's outcome, if someone asked.
+    watch: Option<oneshot::Sender<Outcome>>,
+}
+
+/// What became of a source, as its producer learns it ([`Source::with_outcome`],
+/// [`SourceSender::finish`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The consumer took every frame and the end (over the network: the client's
+    /// consumer got `None` from the `Source`, and said so).
+    Delivered,
+    /// The consumer let go of the source before its end: it dropped the source or
+    /// its request, or the link to it was lost.
+    ConsumerGone,
+    /// The source failed (its producer's error, abort or panic, or a frame over the
+    /// limit) and the consumer was told this reason.
+    Failed(String),
+}
+
+/// Resolves to a source's [`Outcome`] once it is known: when the source ended and
+/// the consumer said whether it took everything, or when the source was dropped.
+#[derive(Debug)]
+#[must_use = "a future does nothing unless awaited"]
+pub struct OutcomeFuture {
+    rx: oneshot::Receiver<Outcome>,
+}
+
+impl Future for OutcomeFuture {
+    type Output = Outcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        // The watcher went without a word: the source was dropped unconsumed (a
+        // cancelled request, say).
+        Poll::Ready(ready!(Pin::new(&mut self.rx).poll(cx)).unwrap_or(Outcome::ConsumerGone))
+    }
+}
+
+/// One step of a source as the server's pump sees it.
+pub(crate) enum Event {
+    Frame(Bytes),
+    /// The source failed: its last event.
+    Failed(Error),
+    /// The producer waits until the consumer took every frame before this.
+    Sync(oneshot::Sender<()>),
 }
 
 enum Frames {
     Local(BoxFrames),
+    Channel(Box<ChannelFrames>),
     Inline(VecDeque<Bytes>),
     Remote(Box<RemoteFrames>),
     Done,
@@ -144,6 +198,7 @@ impl Source {
             header,
             meta: Meta::default(),
             frames: Frames::Local(frames),
+            watch: None,
         }
     }
 
@@ -153,6 +208,7 @@ impl Source {
             header: header.into(),
             meta: Meta::default(),
             frames: Frames::Inline(VecDeque::new()),
+            watch: None,
         }
     }
 
@@ -163,25 +219,35 @@ impl Source {
     /// # Panics
     /// If `capacity` is 0.
     pub fn channel(header: impl Into<Bytes>, capacity: usize) -> (SourceSender, Source) {
-        let (tx, mut rx) = mpsc::channel(capacity);
-        let completed = Arc::new(AtomicBool::new(false));
-        let done = completed.clone();
-        let frames = futures::stream::poll_fn(move |cx| match ready!(rx.poll_recv(cx)) {
-            // The sender is gone: it completed the source only if it said so on its
-            // way out (a sender dropped by a panic did not).
-            None if !done.load(Ordering::Acquire) => {
-                done.store(true, Ordering::Release);
-                Poll::Ready(Some(Err(Error::SourceFailed("producer panicked".into()))))
-            }
-            other => Poll::Ready(other),
-        });
-        (
-            SourceSender {
-                tx: Some(tx),
-                completed,
-            },
-            Source::boxed(header.into(), Box::pin(frames)),
-        )
+        let (tx, frames) = channel::channel(capacity);
+        let source = Source {
+            header: header.into(),
+            meta: Meta::default(),
+            frames: Frames::Channel(Box::new(frames)),
+            watch: None,
+        };
+        (tx, source)
+    }
+
+    /// This source, and a future of its [`Outcome`]: for a producer that must know
+    /// whether its frames reached the consumer (an at-least-once queue acknowledging
+    /// upstream, say). A watched source is never sent inline with its announcement,
+    /// so the client can confirm it; asking again replaces the earlier future, which
+    /// then resolves to [`Outcome::ConsumerGone`].
+    pub fn with_outcome(mut self) -> (Source, OutcomeFuture) {
+        let (tx, rx) = oneshot::channel();
+        self.watch = Some(tx);
+        (self, OutcomeFuture { rx })
+    }
+
+    /// Takes the outcome's watcher: the caller reports the outcome from now on.
+    pub(crate) fn take_watch(&mut self) -> Option<oneshot::Sender<Outcome>> {
+        self.watch.take()
+    }
+
+    /// True when the producer waits for the outcome.
+    pub(crate) fn is_watched(&self) -> bool {
+        self.watch.is_some()
     }
 
     pub(crate) fn inline(header: Bytes, meta: Meta, frames: VecDeque<Bytes>) -> Self {
@@ -189,6 +255,7 @@ impl Source {
             header,
             meta,
             frames: Frames::Inline(frames),
+            watch: None,
         }
     }
 
@@ -197,6 +264,7 @@ impl Source {
             header,
             meta,
             frames: Frames::Remote(Box::new(r)),
+            watch: None,
         }
     }
 
@@ -215,191 +283,88 @@ impl Source {
         self.next().await
     }
 
-    /// Frames already received and not yet taken, without waiting (inline sources
-    /// and read-ahead). Used by the server to inline small sources.
-    pub(crate) fn poll_ready_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
-        self.poll_next_unpin(cx)
+    /// The next event of the source: a frame, its failure, a producer's flush, or
+    /// `None` at its end. Used by the server's pump, which reports flushes and the
+    /// outcome itself; [`poll_next`](Stream::poll_next) is this for a local consumer.
+    pub(crate) fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        let r = match &mut self.frames {
+            Frames::Local(s) => ready!(s.as_mut().poll_next(cx)).map(Event::from),
+            Frames::Channel(c) => ready!(c.poll_event(cx, &mut self.watch)),
+            Frames::Inline(q) => q.pop_front().map(Event::Frame),
+            Frames::Remote(r) => ready!(r.poll_frame(cx)).map(Event::from),
+            Frames::Done => None,
+        };
+        match &r {
+            Some(Event::Frame(_) | Event::Sync(_)) => {}
+            // An error is the last item; after it (or the end) the source is done.
+            Some(Event::Failed(_)) => self.frames = Frames::Inline(VecDeque::new()),
+            None => self.frames = Frames::Done,
+        }
+        Poll::Ready(r)
+    }
+
+    /// Tells the watcher, if any, how the source ended.
+    pub(crate) fn report(&mut self, outcome: Outcome) {
+        if let Some(w) = self.watch.take() {
+            // Err: nobody waits for the outcome any more.
+            drop(w.send(outcome));
+        }
+    }
+}
+
+impl From<Result<Bytes>> for Event {
+    fn from(r: Result<Bytes>) -> Event {
+        match r {
+            Ok(f) => Event::Frame(f),
+            Err(e) => Event::Failed(e),
+        }
     }
 }
 
 impl Stream for Source {
     type Item = Result<Bytes>;
 
+    /// A local consumer: a flush resolves as it is reached (every frame before it
+    /// was taken), and the end or a failure is the outcome.
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
         let this = self.get_mut();
-        let r = match &mut this.frames {
-            Frames::Local(s) => ready!(s.as_mut().poll_next(cx)),
-            Frames::Inline(q) => q.pop_front().map(Ok),
-            Frames::Remote(r) => ready!(r.poll_frame(cx)),
-            Frames::Done => None,
-        };
-        if !matches!(r, Some(Ok(_))) {
-            // An error is the last item; after it (or the end) the source is done.
-            this.frames = match r {
-                Some(Err(_)) => Frames::Inline(VecDeque::new()),
-                _ => Frames::Done,
-            };
+        loop {
+            return Poll::Ready(match ready!(this.poll_event(cx)) {
+                Some(Event::Frame(f)) => Some(Ok(f)),
+                Some(Event::Sync(tx)) => {
+                    // Err: the producer stopped waiting for its flush.
+                    let _ = tx.send(());
+                    continue;
+                }
+                Some(Event::Failed(e)) => {
+                    this.report(Outcome::Failed(failure_reason(&e)));
+                    Some(Err(e))
+                }
+                None => {
+                    this.report(Outcome::Delivered);
+                    None
+                }
+            });
         }
-        Poll::Ready(r)
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.report(Outcome::ConsumerGone);
+    }
+}
+
+/// What a consumer is told of a failure: an ABORT's reason.
+pub(crate) fn failure_reason(e: &Error) -> String {
+    match e {
+        Error::SourceFailed(m) => m.clone(),
+        other => other.to_string(),
     }
 }
 
 impl FusedStream for Source {
     fn is_terminated(&self) -> bool {
         matches!(self.frames, Frames::Done)
-    }
-}
-
-/// The sending half of [`Source::channel`].
-///
-/// Dropping it completes the source, unless the thread is panicking: then the source
-/// fails, so a crashed producer is never mistaken for a finished one, whatever its
-/// buffer holds.
-#[derive(Debug)]
-pub struct SourceSender {
-    tx: Option<mpsc::Sender<Result<Bytes>>>,
-    /// Set when the sender goes without a panic (or aborted): the end is a completion.
-    completed: Arc<AtomicBool>,
-}
-
-impl SourceSender {
-    /// Sends a frame, waiting while the buffer is full. `Err(Error::Closed)` when the
-    /// source is gone (its consumer dropped it or the request was cancelled).
-    pub async fn send(&self, frame: impl Into<Bytes>) -> Result<()> {
-        match &self.tx {
-            Some(tx) => tx.send(Ok(frame.into())).await.map_err(|_| Error::Closed),
-            None => Err(Error::Closed),
-        }
-    }
-
-    /// Sends a frame if the buffer has room, without waiting: for a producer that
-    /// must not block (an event loop, a synchronous callback) and would rather drop,
-    /// coalesce or retry later. The frame comes back in the error:
-    /// [`TrySendError::Full`] when `capacity` frames are waiting,
-    /// [`TrySendError::Closed`] when the source is gone (as [`send`](Self::send)'s
-    /// `Error::Closed`).
-    ///
-    /// ```
-    /// use chanserv::{Source, TrySendError};
-    ///
-    /// let (tx, _source) = Source::channel("header", 1);
-    /// tx.try_send("first").unwrap();
-    /// match tx.try_send("second") {
-    ///     Err(TrySendError::Full(frame)) => assert_eq!(frame, "second"),
-    ///     other => panic!("{other:?}"),
-    /// }
-    /// ```
-    pub fn try_send(&self, frame: impl Into<Bytes>) -> Result<(), TrySendError> {
-        let frame = frame.into();
-        let Some(tx) = &self.tx else {
-            return Err(TrySendError::Closed(frame));
-        };
-        tx.try_send(Ok(frame)).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(f) => TrySendError::Full(ok_frame(f)),
-            mpsc::error::TrySendError::Closed(f) => TrySendError::Closed(ok_frame(f)),
-        })
-    }
-
-    /// Fails the source with `reason`; the consumer gets [`Error::SourceFailed`].
-    pub async fn abort(mut self, reason: impl Into<String>) {
-        if let Some(tx) = self.tx.take() {
-            // The abort is what ends the source, not a panic.
-            self.completed.store(true, Ordering::Release);
-            // Err: the consumer is gone, and nobody is left to tell.
-            drop(tx.send(Err(Error::SourceFailed(reason.into()))).await);
-        }
-    }
-
-    /// True once the source was dropped by its consumer.
-    pub fn is_closed(&self) -> bool {
-        self.tx.as_ref().is_none_or(|t| t.is_closed())
-    }
-}
-
-impl Drop for SourceSender {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            self.completed.store(true, Ordering::Release);
-        }
-    }
-}
-
-/// The frame `try_send` put in, handed back: it always sends `Ok`.
-fn ok_frame(item: Result<Bytes>) -> Bytes {
-    item.unwrap_or_default()
-}
-
-/// Why [`SourceSender::try_send`] did not send; the frame is handed back either way.
-///
-/// Not `#[non_exhaustive]`: a bounded channel is either full or closed, and callers
-/// match both arms to decide between retrying and giving up.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TrySendError {
-    /// The source's buffer is full: retry later, or [`send`](SourceSender::send) to
-    /// wait for room.
-    #[error("source buffer full")]
-    Full(Bytes),
-    /// The source is gone (its consumer dropped it or the request was cancelled):
-    /// every later send fails too.
-    #[error("source closed")]
-    Closed(Bytes),
-}
-
-impl TrySendError {
-    /// The frame that was not sent.
-    pub fn into_frame(self) -> Bytes {
-        match self {
-            TrySendError::Full(f) | TrySendError::Closed(f) => f,
-        }
-    }
-
-    /// True when the buffer was full (the source is still alive).
-    pub fn is_full(&self) -> bool {
-        matches!(self, TrySendError::Full(_))
-    }
-
-    /// True when the source is gone.
-    pub fn is_closed(&self) -> bool {
-        matches!(self, TrySendError::Closed(_))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn try_send_succeeds_while_there_is_room() {
-        let (tx, mut source) = Source::channel("h", 2);
-        tx.try_send("a").unwrap();
-        tx.try_send("b").unwrap();
-        drop(tx);
-        assert_eq!(source.recv().await.unwrap().unwrap(), "a");
-        assert_eq!(source.recv().await.unwrap().unwrap(), "b");
-        assert!(
-            source.recv().await.is_none(),
-            "dropping the sender completes"
-        );
-    }
-
-    #[tokio::test]
-    async fn try_send_gives_the_frame_back_when_full_and_sends_once_there_is_room() {
-        let (tx, mut source) = Source::channel("h", 1);
-        tx.try_send("a").unwrap();
-        let e = tx.try_send("b").unwrap_err();
-        assert!(e.is_full() && !e.is_closed());
-        assert_eq!(e.into_frame(), "b");
-        assert!(!tx.is_closed(), "a full source is alive");
-        assert_eq!(source.recv().await.unwrap().unwrap(), "a");
-        tx.try_send("c").unwrap();
-        assert_eq!(source.recv().await.unwrap().unwrap(), "c");
-    }
-
-    #[test]
-    fn try_send_gives_the_frame_back_once_the_consumer_dropped_the_source() {
-        let (tx, source) = Source::channel("h", 4);
-        drop(source);
-        assert_eq!(tx.try_send("a"), Err(TrySendError::Closed("a".into())));
-        assert!(tx.is_closed());
     }
 }

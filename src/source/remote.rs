@@ -11,15 +11,16 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
+use super::grant::Grant;
 use super::BoxIo;
 use crate::error::{Error, Result, Timeout};
 use crate::frame::{FrameCodec, Item};
 use crate::mux::poll_read_frames;
 use crate::tally::{SourceEnd, Tally};
 
-/// Where a remote source's child stream is: still on its way, being read, or let go
-/// of once its end was read (so its slot on the link frees while the consumer still
-/// takes the frames decoded ahead).
+/// Where a remote source's child stream is: still on its way, being read (and
+/// written: credit), or let go of once the consumer took its end (after DONE) or
+/// its failure.
 pub(crate) enum ChildStream {
     Waiting(oneshot::Receiver<BoxIo>),
     Reading(BoxIo),
@@ -45,6 +46,8 @@ pub(crate) struct RemoteFrames {
     /// Frames and bytes decoded, published once per read and at the end (never an
     /// atomic per frame), and how the source ended.
     pub(crate) tally: Tally,
+    /// The credit this reader grants the server.
+    pub(crate) grant: Grant,
 }
 
 /// A framed reader that decodes items ahead of its consumer: the client's `Sources`
@@ -101,18 +104,50 @@ impl RemoteFrames {
         match poll_ahead(self, cx) {
             Ahead::Item(f) => {
                 self.timer = None;
+                self.grant.consumed(f.len());
+                // Credit that cannot go yet goes with a later poll.
+                let _ = self.poll_grant(cx);
                 Poll::Ready(Some(Ok(f)))
             }
-            Ahead::End(end) => {
-                self.end = Some(None);
-                if end.is_some() {
-                    // An ABORT was counted when decoded (this does nothing then); a
-                    // failed read or decode is counted here.
-                    self.tally.end(SourceEnd::Failed);
+            Ahead::End(None) => {
+                // The consumer takes the end: the server learns the source was
+                // delivered before the stream is let go of.
+                self.grant.done();
+                if self.poll_grant(cx).is_pending() {
+                    self.end = Some(None);
+                    return Poll::Pending;
                 }
-                Poll::Ready(end.map(Err))
+                self.stream = ChildStream::Done;
+                self.end = Some(None);
+                Poll::Ready(None)
             }
-            Ahead::Pending => self.poll_timer(cx),
+            Ahead::End(Some(e)) => {
+                self.grant.clear();
+                self.stream = ChildStream::Done;
+                self.end = Some(None);
+                // An ABORT was counted when decoded (this does nothing then); a
+                // failed read or decode is counted here.
+                self.tally.end(SourceEnd::Failed);
+                Poll::Ready(Some(Err(e)))
+            }
+            Ahead::Pending => {
+                self.grant.starving();
+                // Pending: it goes with a later poll.
+                let _ = self.poll_grant(cx);
+                self.poll_timer(cx)
+            }
+        }
+    }
+
+    /// Writes the credit due, if the stream is there to take it.
+    fn poll_grant(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.stream {
+            ChildStream::Reading(s) => self.grant.poll_write(s, cx),
+            ChildStream::Waiting(_) => Poll::Ready(()),
+            ChildStream::Done => {
+                self.grant.clear();
+                Poll::Ready(())
+            }
         }
     }
 
@@ -143,16 +178,42 @@ impl ReadAhead for RemoteFrames {
     }
 
     fn decode_ahead(&mut self) -> Result<()> {
+        let big = self.ahead.back().map_or(0, Bytes::len);
+        let r = self.decode_items();
+        // A big frame was split off the buffer, which still shares its allocation:
+        // let go of it, or a consumer that keeps a source without reading keeps a
+        // dead frame's memory too.
+        let last = self.ahead.back().map_or(0, Bytes::len);
+        if self.buf.is_empty() && (last.max(big) >= RELEASE_FROM || self.buf.capacity() < 1024) {
+            self.buf = BytesMut::new();
+        }
+        r
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.poll_read_stream(cx)
+    }
+}
+
+/// An empty read buffer is released after decoding a frame this big: it is the
+/// tail of that frame's allocation.
+const RELEASE_FROM: usize = 8 * 1024;
+
+impl RemoteFrames {
+    fn decode_items(&mut self) -> Result<()> {
         while self.ahead.len() < self.max_ahead {
             match self.codec.decode_item(&mut self.buf)? {
                 Some(Item::Frame(f)) => {
                     self.tally.frame(f.len());
+                    self.grant.decoded_frame(f.len());
                     self.ahead.push_back(f);
                 }
+                Some(Item::Sync) => self.grant.decoded_sync(),
+                Some(Item::Blocked) => self.grant.decoded_blocked(),
                 Some(Item::End) => {
+                    // The stream stays until the consumer takes the end (DONE).
                     self.tally.end(SourceEnd::Completed);
                     self.end = Some(None);
-                    self.stream = ChildStream::Done;
                     return Ok(());
                 }
                 Some(Item::Abort(reason)) => {
@@ -167,7 +228,7 @@ impl ReadAhead for RemoteFrames {
         Ok(())
     }
 
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+    fn poll_read_stream(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
         // What was decoded since the last read is published before the next: one
         // batch of atomics per read, and the stats lag by at most one read.
         self.tally.flush();
