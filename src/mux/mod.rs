@@ -44,6 +44,10 @@ mod tls_handshake;
 mod tls_io;
 mod tls_record;
 
+/// The read side of a TLS link fed arbitrary records, for `chanserv::fuzzing`.
+#[cfg(fuzzing)]
+pub use tls_io::fuzzing::records as tls_records;
+
 pub use crate::proto::link::PROTOCOL_VERSION;
 pub use config::NodeConfig;
 pub use join::Joined;

@@ -28,12 +28,21 @@ enum Next {
     Done,
 }
 
+/// What the peer sent besides the handshake, before it ended.
+#[derive(Default)]
+struct Early {
+    /// Application data.
+    data: Vec<u8>,
+    /// `close_notify` followed it.
+    closed: bool,
+}
+
 /// Handles one state of the handshake: how much of the input is done with, and what
-/// next. Application data the peer sent already is appended to `early`, handshake
-/// records to send to `out`.
+/// next. What the peer sent already is noted in `early`, handshake records to send
+/// are appended to `out`.
 fn step<Data>(
     status: UnbufferedStatus<'_, '_, Data>,
-    early: &mut Vec<u8>,
+    early: &mut Early,
     out: &mut Vec<u8>,
 ) -> (usize, Result<Next, rustls::Error>) {
     let discard = status.discard;
@@ -41,7 +50,7 @@ fn step<Data>(
         Err(e) => Err(e),
         Ok(ConnectionState::ReadTraffic(mut r)) => loop {
             match r.next_record() {
-                Some(Ok(record)) => early.extend_from_slice(record.payload),
+                Some(Ok(record)) => early.data.extend_from_slice(record.payload),
                 Some(Err(e)) => break Err(e),
                 None => break Ok(Next::Again),
             }
@@ -71,7 +80,16 @@ fn step<Data>(
         }
         Ok(ConnectionState::BlockedHandshake) => Ok(Next::Read),
         Ok(ConnectionState::WriteTraffic(_)) => Ok(Next::Done),
-        Ok(_) => Ok(Next::Read), // the peer closed: reading says so
+        // The peer finished and closed at once: the stream's reads end (EOF) after
+        // what it sent. (Reported once; the next state is `WriteTraffic`.)
+        Ok(ConnectionState::PeerClosed) => {
+            early.closed = true;
+            Ok(Next::Again)
+        }
+        // Early data (0-RTT) is not offered; nothing else is known.
+        Ok(_) => Err(rustls::Error::General(
+            "unexpected state of the TLS handshake".into(),
+        )),
     };
     (discard, next)
 }
@@ -80,7 +98,7 @@ impl Handshaking {
     fn step(
         &mut self,
         input: &mut [u8],
-        early: &mut Vec<u8>,
+        early: &mut Early,
         out: &mut Vec<u8>,
     ) -> (usize, Result<Next, rustls::Error>) {
         match self {
@@ -99,7 +117,7 @@ impl Handshaking {
     {
         let mut buf = vec![0; RX_BUFFER];
         let (mut start, mut end) = (0, 0);
-        let (mut early, mut out) = (Vec::new(), Vec::new());
+        let (mut early, mut out) = (Early::default(), Vec::new());
         loop {
             let (discard, next) = self.step(&mut buf[start..end], &mut early, &mut out);
             start += discard;
@@ -149,7 +167,8 @@ impl Handshaking {
                 .map(|(s, k)| (s, Keys::Server(k))),
         }
         .map_err(failure)?;
-        let io = TlsIo::new(io, keys, &secrets, buf, start..end, &early)?;
+        let read = (buf, start..end);
+        let io = TlsIo::new(io, keys, &secrets, read, &early.data, early.closed)?;
         Ok((io, peer))
     }
 
@@ -177,7 +196,7 @@ impl Handshaking {
         input: &mut [u8],
         mut out: Vec<u8>,
     ) {
-        let mut early = Vec::new();
+        let mut early = Early::default();
         while self.queued() {
             if !matches!(self.step(input, &mut early, &mut out).1, Ok(Next::Again)) {
                 break;

@@ -11,11 +11,14 @@
 //! reader) and zeroes and reallocates its read buffer as it goes.
 //!
 //! What the record layer does besides (RFC 8446): a `close_notify` alert ends the
-//! read side (EOF) and is sent on shutdown, any other alert fails the stream with
+//! read side (EOF) and is sent on shutdown, and EOF without it is an error
+//! (truncation); any other alert fails the stream with
 //! [`rustls::Error::AlertReceived`]; a peer's `KeyUpdate` renews the read key (and
 //! the write key when asked); the write key is renewed before its suite's
 //! confidentiality limit. Errors are [`rustls::Error`]s in [`io::Error`]s, as from
-//! rustls.
+//! rustls. A read that fails fails every later read too, and a peer at fault is sent
+//! the fatal alert that says why (its record failed to open, was too long, held
+//! what it may not), after which nothing more is written.
 
 use std::io;
 use std::ops::Range;
@@ -25,11 +28,12 @@ use std::task::{ready, Context, Poll};
 use rustls::client::ClientConnectionData;
 use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
-use rustls::{AlertDescription, ExtractedSecrets, InvalidMessage, PeerMisbehaved};
+use rustls::{AlertDescription, ExtractedSecrets, PeerMisbehaved};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::tls_record::{
-    body_len, failure, Key, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER, MAX_PLAIN, MAX_RECORD,
+    alert_for, body_len, closes, failure, post_handshake, unexpected, Key, PostHandshake, ALERT,
+    APPLICATION_DATA, HANDSHAKE, HEADER, MAX_PLAIN, MAX_RECORD,
 };
 
 /// The read buffer: several records, so one read takes what the socket has.
@@ -38,6 +42,9 @@ pub(super) const RX_BUFFER: usize = 128 * 1024;
 const TX_LIMIT: usize = 256 * 1024;
 /// Sealed bytes past which a write sends them on (a flush sends what there is).
 const SEND_AT: usize = 64 * 1024;
+/// Empty records in a row past which the peer is only wasting our time (as rustls and
+/// BoringSSL count them).
+const MAX_EMPTY: u8 = 32;
 
 /// A TLS 1.3 stream after its handshake: reads decrypt, writes encrypt (buffered until
 /// a flush, as by a `BufWriter`), shutdown sends `close_notify`. Dropping it drops
@@ -59,6 +66,21 @@ struct Rx {
     key: Key,
     /// The peer sent `close_notify`.
     closed: bool,
+    /// Empty records opened in a row.
+    empty: u8,
+    /// Why a read failed: every later read fails so too.
+    failed: Option<(io::ErrorKind, String)>,
+}
+
+/// What [`Rx::open_next`] found at the front of the buffer.
+#[derive(Debug, PartialEq)]
+enum Record {
+    /// Not a whole record yet.
+    Partial,
+    /// A record, opened and handled: application data (now `plain`) or an alert.
+    Opened,
+    /// A record of handshake messages, at this range of the buffer, for the caller.
+    Handshake(Range<usize>),
 }
 
 /// The write side: `buf` holds sealed records from `sent` on, then the record being
@@ -72,7 +94,7 @@ struct Tx {
     limit: u64,
     /// The peer asked for a key update: it goes before the next record.
     update: bool,
-    /// `close_notify` is sealed: nothing more may be written.
+    /// `close_notify` or a fatal alert is sealed: nothing more may be written.
     closed: bool,
 }
 
@@ -113,93 +135,40 @@ impl Keys {
             .tls13()
             .map_or(u64::MAX, |s| s.common.confidentiality_limit);
         // Renew a little early: the KeyUpdate itself is sealed with the old key.
-        limit.min(1 << 62) - 2
+        limit.min(1 << 62).saturating_sub(2)
     }
-}
-
-/// Whether an alert is `close_notify`; an error if it is fatal.
-fn closes(alert: &[u8]) -> io::Result<bool> {
-    let [_level, what] = alert else {
-        return Err(unexpected("a malformed alert"));
-    };
-    match AlertDescription::from(*what) {
-        AlertDescription::CloseNotify => Ok(true),
-        AlertDescription::UserCanceled => Ok(false),
-        other => Err(failure(rustls::Error::AlertReceived(other))),
-    }
-}
-
-fn unexpected(what: &'static str) -> io::Error {
-    failure(rustls::Error::InvalidMessage(
-        InvalidMessage::UnexpectedMessage(what),
-    ))
 }
 
 impl Rx {
-    /// Opens the next record if the buffer holds all of it: whether it did. Its
-    /// plaintext (application data) is then `plain`; an alert or post-handshake
-    /// message is handled here.
-    fn open_next(&mut self, tx: &mut Tx, keys: &mut Keys) -> io::Result<bool> {
+    /// Opens the next record if the buffer holds all of it. Application data is then
+    /// `plain`, and an alert is handled here; handshake messages are left to the
+    /// caller, which holds the keys.
+    fn open_next(&mut self) -> io::Result<Record> {
         if self.end - self.start < HEADER {
-            return Ok(false);
+            return Ok(Record::Partial);
         }
         let mut h = [0; HEADER];
         h.copy_from_slice(&self.buf[self.start..self.start + HEADER]);
         let len = body_len(&h)?;
         let body = self.start + HEADER;
         if self.end - body < len {
-            return Ok(false);
+            return Ok(Record::Partial);
         }
         let (typ, n) = self.key.open(h, &mut self.buf[body..body + len])?;
         self.start = body + len;
+        self.empty = if n == 0 { self.empty + 1 } else { 0 };
+        if self.empty > MAX_EMPTY {
+            let e = rustls::Error::PeerMisbehaved(PeerMisbehaved::TooManyEmptyFragments);
+            return Err(failure(e));
+        }
+        let content = body..body + n;
         match typ {
-            APPLICATION_DATA => self.plain = body..body + n,
-            ALERT => self.closed = closes(&self.buf[body..body + n])?,
-            HANDSHAKE => {
-                // Rare and short: copied out of the buffer.
-                let msgs = self.buf[body..body + n].to_vec();
-                self.post_handshake(&msgs, tx, keys)?;
-            }
+            APPLICATION_DATA => self.plain = content,
+            ALERT => self.closed = closes(&self.buf[content])?,
+            HANDSHAKE => return Ok(Record::Handshake(content)),
             _ => return Err(unexpected("a record of an unknown content type")),
         }
-        Ok(true)
-    }
-
-    /// Handshake messages after the handshake: `KeyUpdate`, `NewSessionTicket`.
-    fn post_handshake(&mut self, mut msgs: &[u8], tx: &mut Tx, keys: &mut Keys) -> io::Result<()> {
-        while let [typ, a, b, c, rest @ ..] = msgs {
-            let len = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
-            if rest.len() < len {
-                return Err(unexpected("a handshake message split across records"));
-            }
-            let (body, more) = rest.split_at(len);
-            match (*typ, body) {
-                // KeyUpdate: the new key applies from the next record, which must be
-                // the next message.
-                (24, [ask @ (0 | 1)]) if more.is_empty() => {
-                    self.key = keys.next(false)?;
-                    tx.update |= *ask == 1;
-                }
-                (24, [0 | 1]) => {
-                    return Err(failure(rustls::Error::PeerMisbehaved(
-                        PeerMisbehaved::KeyEpochWithPendingFragment,
-                    )))
-                }
-                (24, _) => {
-                    return Err(failure(rustls::Error::InvalidMessage(
-                        InvalidMessage::InvalidKeyUpdate,
-                    )))
-                }
-                (4, _) => keys.ticket(body)?,
-                _ => return Err(unexpected("a handshake message after the handshake")),
-            }
-            msgs = more;
-        }
-        if msgs.is_empty() {
-            Ok(())
-        } else {
-            Err(unexpected("a truncated handshake message"))
-        }
+        Ok(Record::Opened)
     }
 
     /// Makes room at the end of the buffer for the rest of the next record.
@@ -243,6 +212,11 @@ impl Tx {
                 io::ErrorKind::BrokenPipe,
                 "the TLS stream is shut down",
             ));
+        }
+        if self.update {
+            // Nothing written after the peer asked for a key update goes under the
+            // old key (RFC 8446, section 4.6.3): the update goes before the next record.
+            self.seal()?;
         }
         let mut n = 0;
         while n < data.len() && self.pending() < TX_LIMIT {
@@ -307,11 +281,39 @@ impl Tx {
 
     /// Seals `close_notify` after what was written.
     fn close(&mut self) -> io::Result<()> {
+        self.end(1, AlertDescription::CloseNotify)
+    }
+
+    /// Seals the alert `what` of `level` (1 warning, 2 fatal) after what was written,
+    /// unless the stream is closed already: the last record.
+    fn end(&mut self, level: u8, what: AlertDescription) -> io::Result<()> {
         if !self.closed {
-            self.seal_message(ALERT, &[1, AlertDescription::CloseNotify.into()])?;
+            self.seal_message(ALERT, &[level, what.into()])?;
             self.closed = true;
         }
         Ok(())
+    }
+}
+
+impl<IO> TlsIo<IO> {
+    /// Opens the next record in the read buffer and acts on its handshake messages:
+    /// whether there was a whole one.
+    fn open_next(&mut self) -> io::Result<bool> {
+        let msgs = match self.rx.open_next()? {
+            Record::Partial => return Ok(false),
+            Record::Opened => return Ok(true),
+            Record::Handshake(msgs) => msgs,
+        };
+        let (rx, tx, keys) = (&mut self.rx, &mut self.tx, &mut self.keys);
+        post_handshake(&rx.buf[msgs], |msg| match msg {
+            PostHandshake::KeyUpdate { ask } => {
+                rx.key = keys.next(false)?;
+                tx.update |= ask;
+                Ok(())
+            }
+            PostHandshake::Ticket(ticket) => keys.ticket(ticket),
+        })?;
+        Ok(true)
     }
 }
 
@@ -329,17 +331,30 @@ impl<IO: AsyncWrite + Unpin> TlsIo<IO> {
         }
         Poll::Ready(Ok(()))
     }
+
+    /// After a read failed with `e`: every later read fails so too, and a peer at
+    /// fault is sent the fatal alert that says why, after which nothing is written.
+    fn fail(&mut self, cx: &mut Context<'_>, e: &io::Error) {
+        self.rx.failed = Some((e.kind(), e.to_string()));
+        if let Some(alert) = alert_for(e) {
+            if self.tx.end(2, alert).is_ok() {
+                // Sent if the socket takes it now. The read's error is what the caller
+                // hears of; a peer that does not take the alert sees the socket close.
+                let _ = self.poll_send(cx, 0);
+            }
+        }
+    }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsIo<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsIo<IO> {
+    /// Reads into `out` what the next records hold.
+    fn poll_records(
+        &mut self,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let rx = &mut this.rx;
         loop {
+            let rx = &mut self.rx;
             if !rx.plain.is_empty() {
                 let n = rx.plain.len().min(out.remaining());
                 out.put_slice(&rx.buf[rx.plain.start..rx.plain.start + n]);
@@ -349,14 +364,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsIo<IO> {
             if rx.closed || out.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            if rx.open_next(&mut this.tx, &mut this.keys)? {
+            if self.open_next()? {
                 continue;
             }
+            let rx = &mut self.rx;
             rx.make_room();
             let mut into = ReadBuf::new(&mut rx.buf[rx.end..]);
-            ready!(Pin::new(&mut this.io).poll_read(cx, &mut into))?;
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut into))?;
             let n = into.filled().len();
             if n == 0 {
+                // Truncation: the peer's data may have been cut short.
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "peer closed connection without sending TLS close_notify",
@@ -364,6 +381,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsIo<IO> {
             }
             rx.end += n;
         }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsIo<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let Some((kind, why)) = &this.rx.failed {
+            return Poll::Ready(Err(io::Error::new(*kind, why.clone())));
+        }
+        let r = ready!(this.poll_records(cx, out));
+        if let Err(e) = &r {
+            this.fail(cx, e);
+        }
+        Poll::Ready(r)
     }
 }
 
@@ -412,16 +447,18 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for TlsIo<IO> {
 impl<IO> TlsIo<IO> {
     /// The stream after the handshake on `io`, with the traffic keys rustls handed
     /// over: `buf[left]` is ciphertext read already, `early` the plaintext the peer
-    /// sent before it.
+    /// sent before it, `closed` whether `close_notify` followed that.
     pub(super) fn new(
         io: IO,
         keys: Keys,
         secrets: &ExtractedSecrets,
-        buf: Vec<u8>,
-        left: Range<usize>,
+        (buf, left): (Vec<u8>, Range<usize>),
         early: &[u8],
+        closed: bool,
     ) -> io::Result<TlsIo<IO>> {
-        let rx = Rx::after_handshake(buf, left, early, Key::new(secrets.rx.0, &secrets.rx.1)?);
+        let key = Key::new(secrets.rx.0, &secrets.rx.1)?;
+        let mut rx = Rx::after_handshake(buf, left, early, key);
+        rx.closed = closed;
         let tx = Tx::new(Key::new(secrets.tx.0, &secrets.tx.1)?, keys.limit());
         Ok(TlsIo { io, rx, tx, keys })
     }
@@ -449,6 +486,8 @@ impl Rx {
             end,
             key,
             closed: false,
+            empty: 0,
+            failed: None,
         }
     }
 }
@@ -456,3 +495,7 @@ impl Rx {
 #[cfg(test)]
 #[path = "tls_io_tests.rs"]
 mod tests;
+
+#[cfg(any(test, fuzzing))]
+#[path = "tls_fuzzing.rs"]
+pub mod fuzzing;

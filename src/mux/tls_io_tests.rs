@@ -13,6 +13,7 @@ use rustls::server::UnbufferedServerConnection;
 use super::*;
 use crate::mux::tls::{TlsConfig, TlsLinks};
 use crate::mux::tls_handshake::Handshaking;
+use crate::mux::tls_record::MAX_PLAIN;
 
 /// A node's built TLS, its certificate issued by a fresh CA.
 fn links() -> TlsLinks {
@@ -167,21 +168,114 @@ async fn eof_without_close_notify_is_an_error_and_with_it_is_not() {
     .await;
 }
 
+/// The rustls error inside `e`, if any.
+fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+}
+
 #[tokio::test]
-async fn a_corrupted_record_fails_the_read() {
+async fn a_corrupted_record_fails_every_read_and_the_peer_hears_why() {
     bounded(async {
-        let l = links();
-        let (a, b) = duplex(64 * 1024);
-        let (c, s) = tokio::join!(client(&l).run(a), server(&l).run(b));
-        let (mut c, mut s) = (c.unwrap().0, s.unwrap().0);
+        let (mut c, mut s) = ours().await;
         c.write_all(b"x").await.unwrap();
         c.tx.seal().unwrap();
         let last = c.tx.buf.len() - 1;
         c.tx.buf[last] ^= 1;
         c.flush().await.unwrap();
         let e = s.read(&mut [0; 8]).await.unwrap_err();
-        let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-        assert_eq!(inner, Some(&rustls::Error::DecryptError), "{e}");
+        assert_eq!(rustls_error(&e), Some(&rustls::Error::DecryptError), "{e}");
+        let again = s.read(&mut [0; 8]).await.unwrap_err();
+        assert_eq!(again.kind(), e.kind(), "{again}");
+        assert!(s.write(b"more").await.is_err(), "no writes after the alert");
+        let e = c.read(&mut [0; 8]).await.unwrap_err();
+        let alert = rustls::Error::AlertReceived(AlertDescription::BadRecordMac);
+        assert_eq!(rustls_error(&e), Some(&alert), "{e}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_oversized_record_is_refused_from_its_header() {
+    bounded(async {
+        let (mut c, mut s) = ours().await;
+        // A header that announces 2^14 + 257 bytes, and no body.
+        let [hi, lo] = ((MAX_PLAIN + 257) as u16).to_be_bytes();
+        c.io.write_all(&[APPLICATION_DATA, 3, 3, hi, lo])
+            .await
+            .unwrap();
+        let e = s.read(&mut [0; 8]).await.unwrap_err();
+        let big = rustls::Error::PeerSentOversizedRecord;
+        assert_eq!(rustls_error(&e), Some(&big), "{e}");
+        assert_eq!(s.rx.buf.len(), RX_BUFFER, "nothing was allocated for it");
+        let e = c.read(&mut [0; 8]).await.unwrap_err();
+        let alert = rustls::Error::AlertReceived(AlertDescription::RecordOverflow);
+        assert_eq!(rustls_error(&e), Some(&alert), "{e}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_run_of_empty_records_is_refused() {
+    bounded(async {
+        let (mut c, mut s) = ours().await;
+        for run in [MAX_EMPTY, MAX_EMPTY + 1] {
+            for _ in 0..run {
+                c.tx.seal_message(APPLICATION_DATA, &[]).unwrap();
+            }
+            c.write_all(b"x").await.unwrap();
+            c.flush().await.unwrap();
+            let r = s.read(&mut [0; 8]).await;
+            if run == MAX_EMPTY {
+                assert_eq!(r.unwrap(), 1, "{run} empty records in a row are fine");
+            } else {
+                let e = r.unwrap_err();
+                let many = rustls::PeerMisbehaved::TooManyEmptyFragments;
+                assert_eq!(rustls_error(&e), Some(&many.into()), "{e}");
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn what_is_written_after_a_key_update_request_goes_under_the_next_key() {
+    bounded(async {
+        let (mut c, mut s) = ours().await;
+        // A record being filled when the request arrives is sealed under the old key
+        // with what it holds; what is written next goes under the new one.
+        c.write_all(b"a").await.unwrap();
+        s.tx.update_key(&mut s.keys, true).unwrap();
+        send(&mut s, &mut c, b"ping").await;
+        assert!(c.tx.update, "the client owes an update");
+        c.write_all(b"b").await.unwrap();
+        c.flush().await.unwrap();
+        assert!(!c.tx.update, "the update went before b");
+        assert_eq!(c.tx.key.seq, 1, "b is the first record under the next key");
+        let mut got = [0; 2];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ab");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_peer_that_writes_and_closes_right_after_its_handshake_is_read_to_the_end() {
+    bounded(async {
+        let l = links();
+        let (a, b) = duplex(64 * 1024);
+        let connect = tokio_rustls::TlsConnector::from(l.client.clone()).connect(l.name.clone(), a);
+        let theirs = async {
+            // Finished, data and close_notify in one go, then EOF.
+            let mut t = connect.await.unwrap();
+            t.write_all(b"hi").await.unwrap();
+            t.shutdown().await.unwrap();
+            t
+        };
+        let (_theirs, ours) = tokio::join!(theirs, server(&l).run(b));
+        let mut ours = ours.unwrap().0;
+        let mut got = Vec::new();
+        ours.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hi");
     })
     .await;
 }
