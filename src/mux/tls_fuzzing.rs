@@ -2,13 +2,14 @@
 //! arbitrary records, for the fuzz target `fuzz/fuzz_targets/tls_records.rs` and the
 //! property test below. Whatever the peer sends, it must fail with an error, never
 //! panic, never grow its buffer, always leave room for the next read, and never hand
-//! out more than a record's worth of plaintext.
+//! out more than a record's worth of plaintext. The input describes records rather
+//! than being them: random ciphertext would never get past the AEAD tag.
 
 use rustls::crypto::cipher::{AeadKey, Iv};
 use rustls::ConnectionTrafficSecrets;
 
 use super::{post_handshake, PostHandshake, Record, Rx, RX_BUFFER};
-use crate::mux::tls_record::{Key, HANDSHAKE, HEADER, MAX_PLAIN};
+use crate::mux::tls_record::{Key, ALERT, APPLICATION_DATA, HANDSHAKE, HEADER, MAX_PLAIN};
 
 /// The key of epoch `n` (each key update moves both sides to the next).
 fn key(epoch: u8) -> Key {
@@ -33,11 +34,15 @@ fn seal(tx: &mut Key, wire: &mut Vec<u8>, inner: &[u8]) {
 }
 
 /// The bytes a peer sends, built from `data`: each step is one byte of what, then
-/// its arguments. 0: a record sealed from the next bytes (a length in two bytes, then
-/// that many bytes of inner plaintext); 1: raw bytes (a length in one byte); 2: a
-/// large record (content length in two bytes, content type, padding length times 64);
-/// 3: a key update (then a byte: asking for ours or not), after which the peer seals
-/// under the next key.
+/// its arguments (a length is one byte unless said):
+/// 0, 7: application data, its length then its bytes;
+/// 1: an alert, its two bytes; 2: handshake messages, their length then bytes;
+/// 3: a record sealed from arbitrary inner plaintext (content, type, padding as
+///    given), its length in two bytes then its bytes;
+/// 4: raw bytes, their length then the bytes (garbage, cut records);
+/// 5: a large record: content length in two bytes, content type, padding / 64;
+/// 6: a key update, then a byte (ask for ours or not): later records are sealed
+///    under the next key.
 fn wire(mut data: &[u8]) -> Vec<u8> {
     let (mut tx, mut epoch, mut wire) = (key(0), 0u8, Vec::new());
     while let [what, rest @ ..] = data {
@@ -47,33 +52,45 @@ fn wire(mut data: &[u8]) -> Vec<u8> {
             data = b;
             a
         };
-        match what % 4 {
-            0 => {
+        let mut len = || take(1).first().map_or(0, |n| usize::from(*n));
+        let inner = match what % 8 {
+            1 => [take(2), &[ALERT]].concat(),
+            2 => {
+                let n = len();
+                [take(n), &[HANDSHAKE]].concat()
+            }
+            3 => {
                 let n = match take(2) {
                     [a, b] => usize::from(u16::from_be_bytes([*a, *b])),
                     _ => 0,
                 };
-                seal(&mut tx, &mut wire, take(n));
+                take(n).to_vec()
             }
-            1 => {
-                let n = take(1).first().map_or(0, |n| usize::from(*n));
+            4 => {
+                let n = len();
                 wire.extend_from_slice(take(n));
+                continue;
             }
-            2 => {
+            5 => {
                 let [a, b, typ, pad] = take(4) else { continue };
-                let n = usize::from(u16::from_be_bytes([*a, *b]));
-                let mut inner = vec![b'x'; n];
+                let mut inner = vec![b'x'; usize::from(u16::from_be_bytes([*a, *b]))];
                 inner.push(*typ);
                 inner.resize(inner.len() + usize::from(*pad) * 64, 0);
-                seal(&mut tx, &mut wire, &inner);
+                inner
             }
-            _ => {
+            6 => {
                 let ask = take(1).first().map_or(0, |a| a & 1);
                 seal(&mut tx, &mut wire, &[24, 0, 0, 1, ask, HANDSHAKE]);
                 epoch = epoch.wrapping_add(1);
                 tx = key(epoch);
+                continue;
             }
-        }
+            _ => {
+                let n = len();
+                [take(n), &[APPLICATION_DATA]].concat()
+            }
+        };
+        seal(&mut tx, &mut wire, &inner);
     }
     wire
 }
@@ -143,22 +160,24 @@ mod tests {
 
     #[test]
     fn records_sealed_whole_are_opened_across_key_updates_and_garbage_stops_them() {
-        // Two records of data, a key update, one more, then a byte of garbage and one
-        // more record, which is never reached. Read 7 bytes at a time.
-        let mut data = vec![7];
-        for inner in [&b"hello\x17"[..], b"again\x17\0\0"] {
-            data.extend_from_slice(&[0, 0, inner.len() as u8]);
-            data.extend_from_slice(inner);
-        }
-        data.extend_from_slice(&[3, 1, 0, 0, 2, b'!', 23, 1, 1, 0xee, 0, 0, 2, b'?', 23]);
+        // Data, padded data, a key update, data under the next key, then a byte of
+        // garbage and more data, which is never reached. Read 7 bytes at a time.
+        let mut data = vec![7, 0, 5];
+        data.extend_from_slice(b"hello");
+        data.extend_from_slice(&[3, 0, 8]);
+        data.extend_from_slice(b"again\x17\0\0");
+        data.extend_from_slice(&[6, 1, 0, 1, b'!', 4, 1, 0xee, 0, 1, b'?']);
         assert_eq!(records(&data), 4);
         // A record with 16 KiB of content, then one with 1 byte too many.
         let big = |n: u16| {
             let [a, b] = n.to_be_bytes();
-            [2, a, b, 23, 0]
+            [5, a, b, APPLICATION_DATA, 0]
         };
         let data: Vec<u8> = [[255].as_slice(), &big(16 * 1024), &big(16 * 1024 + 1)].concat();
         assert_eq!(records(&data), 1);
+        // user_canceled is passed over, close_notify ends what is read.
+        let data = [9, 1, 1, 90, 0, 1, b'a', 1, 1, 0, 0, 1, b'b'];
+        assert_eq!(records(&data), 3);
     }
 
     proptest! {
