@@ -180,13 +180,13 @@ impl Inner {
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        // Writes are coalesced (yamux writes each frame's header apart from its body).
-        // Reads are buffered on a bare socket, saving a syscall per frame header; a TLS
-        // stream (a link with an identity) keeps its plaintext buffered already, so a
-        // second buffer there would only copy every byte once more.
-        // (tokio's `BufReader` refuses 0; with 1, every read bypasses it.)
-        let read_buffer = if identity.is_some() { 1 } else { 64 * 1024 };
-        let mut io = BufStream::with_capacity(read_buffer, 64 * 1024, io);
+        // Writes are coalesced (yamux writes each frame's header apart from its body)
+        // and reads are buffered on a bare socket, saving a syscall per frame header. A
+        // TLS stream (a link with an identity) buffers both ways already (`tls_io`), so
+        // a second buffer there would only copy every byte once more.
+        // (tokio's `BufReader` refuses 0; with 1, every read and write bypasses it.)
+        let buffer = if identity.is_some() { 1 } else { 64 * 1024 };
+        let mut io = BufStream::with_capacity(buffer, buffer, io);
         let (peer, max_streams) = timeout(
             self.cfg.handshake_timeout,
             handshake(&mut io, self.id, &self.cfg),

@@ -46,6 +46,13 @@ mod stats;
 mod stdio;
 mod stream;
 mod tls;
+mod tls_handshake;
+mod tls_io;
+mod tls_record;
+
+/// The read side of a TLS link fed arbitrary records, for `chanserv::fuzzing`.
+#[cfg(fuzzing)]
+pub use tls_io::fuzzing::records as tls_records;
 
 pub use crate::proto::link::PROTOCOL_VERSION;
 pub use config::NodeConfig;

@@ -18,8 +18,10 @@
 //!   sent.
 //! - **No session resumption**: every link runs a full handshake, so an expired
 //!   certificate or a changed CA is seen on the next link. Links are long-lived.
-//! - AES-128-GCM first (the fastest suite where the CPU has AES instructions); the
-//!   socket is read through a 64 KiB buffer, as rustls reads 4 KiB at a time.
+//! - AES-128-GCM first (the fastest suite where the CPU has AES instructions).
+//! - rustls runs the handshake; the records after it are sealed and opened by
+//!   `tls_io`, in place in its own buffers, which spares the copies of rustls' record
+//!   layer (see there).
 
 use std::fmt;
 use std::path::Path;
@@ -28,27 +30,27 @@ use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::Resumption;
+use rustls::client::UnbufferedClientConnection;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::UnbufferedServerConnection;
 use rustls::server::{NoServerSessionStorage, ParsedCertificate, WebPkiClientVerifier};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{
     AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, OtherError,
     RootCertStore, SignatureScheme,
 };
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
-use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::authz::Policy;
 use super::join::LinkOwner;
 use super::link::Established;
 use super::node::Inner;
+use super::tls_handshake::Handshaking;
+use super::tls_io::TlsIo;
 use crate::error::{Error, Result, Timeout};
-
-/// How much of the socket one read takes under TLS (rustls alone reads 4 KiB).
-const READ_BUFFER: usize = 64 * 1024;
 
 /// TLS settings of a node ([`NodeConfig::tls`](super::NodeConfig::tls)): the CA that
 /// issues the mesh's node certificates, this node's certificate chain and key, and
@@ -230,6 +232,8 @@ impl TlsConfig {
             .with_cert_resolver(Arc::new(SingleCertAndKey::from(self.key.clone())));
         server.session_storage = Arc::new(NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
+        // `tls_io` takes the traffic keys over after the handshake.
+        server.enable_secret_extraction = true;
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&tls13)
             .map_err(|e| failed(&e))?
@@ -238,9 +242,10 @@ impl TlsConfig {
             .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(self.key.clone())));
         client.resumption = Resumption::disabled();
         client.enable_sni = false;
+        client.enable_secret_extraction = true;
         Ok(TlsLinks {
-            acceptor: TlsAcceptor::from(Arc::new(server)),
-            connector: TlsConnector::from(Arc::new(client)),
+            server: Arc::new(server),
+            client: Arc::new(client),
             // Any name will do: it is neither sent (no SNI) nor checked (module docs).
             name: ServerName::try_from("chanserv").map_err(|e| failed(&e))?,
             identity: self.identity.clone(),
@@ -287,9 +292,9 @@ fn provider() -> CryptoProvider {
 
 /// A node's built TLS: what its listeners accept with and its joins connect with.
 pub(crate) struct TlsLinks {
-    acceptor: TlsAcceptor,
-    connector: TlsConnector,
-    name: ServerName<'static>,
+    pub(super) server: Arc<rustls::ServerConfig>,
+    pub(super) client: Arc<rustls::ClientConfig>,
+    pub(super) name: ServerName<'static>,
     identity: String,
     pub(super) policy: Arc<Policy>,
 }
@@ -303,9 +308,6 @@ impl fmt::Debug for TlsLinks {
     }
 }
 
-/// The byte stream a TLS link runs on.
-type TlsIo<IO> = TlsStream<BufReader<IO>>;
-
 impl TlsLinks {
     /// Runs the TLS handshake on `io` within `within`: the encrypted stream and the
     /// peer's identity.
@@ -318,22 +320,20 @@ impl TlsLinks {
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let io = BufReader::with_capacity(READ_BUFFER, io);
-        let hs = async {
-            if initiator {
-                let s = self.connector.connect(self.name.clone(), io).await?;
-                Ok(TlsStream::from(s))
-            } else {
-                Ok(TlsStream::from(self.acceptor.accept(io).await?))
-            }
+        let conn = if initiator {
+            UnbufferedClientConnection::new(self.client.clone(), self.name.clone())
+                .map(Handshaking::Client)
+        } else {
+            UnbufferedServerConnection::new(self.server.clone()).map(Handshaking::Server)
         };
-        let s = match tokio::time::timeout(within, hs).await {
+        let conn = conn.map_err(|e| Error::Tls(describe(&e)))?;
+        let (s, leaf) = match tokio::time::timeout(within, conn.run(io)).await {
             Err(_) => return Err(Error::Timeout(Timeout::Handshake)),
             Ok(r) => r.map_err(|e| classify(Error::Io(e)))?,
         };
-        let leaf = s.get_ref().1.peer_certificates().and_then(|c| c.first());
         // The verifiers refused every certificate without an identity already.
         let identity = leaf
+            .as_ref()
             .map(identity_of)
             .ok_or_else(|| Error::Tls(describe(&rustls::Error::NoCertificatesPresented)))?
             .map_err(|e| Error::Tls(describe(&e)))?;

@@ -9,6 +9,11 @@ use super::credit::ChildMsg;
 use super::frame::{FrameCodec, HEADER_LEN};
 use super::link::{Control, Handshake, Open, Partial, Status, HANDSHAKE_LEN};
 
+/// The read side of a TLS link (its buffer and record decoder) fed the records that
+/// `data` describes: how many it opened before it failed or ran out. It must never
+/// panic; see `src/mux/tls_fuzzing.rs`.
+pub use crate::mux::tls_records;
+
 /// How many decoders [`decode_all`] feeds.
 pub const DECODERS: usize = 9;
 

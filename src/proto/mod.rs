@@ -15,7 +15,8 @@
 //! - `credit` — "Credit": what a client writes back on a child stream.
 //! - `route` — "Routing": the ROUTES control message, a path-vector table.
 //! - `fuzzing` (only with `--cfg fuzzing`) — every decoder above behind one function,
-//!   for the fuzz targets in `fuzz/`; public as `chanserv::fuzzing`.
+//!   and the TLS record reader of `mux/`, for the fuzz targets in `fuzz/`; public as
+//!   `chanserv::fuzzing`.
 //!
 //! Encoders append to a caller's `BytesMut`; decoders take bytes (a frame's body, or a
 //! fixed-size prefix) and return an [`Error`](crate::Error) on bad input, never panic
