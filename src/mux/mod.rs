@@ -98,8 +98,7 @@ pub trait Multiplexer: Clone + Send + Sync + 'static {
     /// client's upload unread ([`Request::upload`](crate::Request::upload)). The
     /// default is always pending: such a client is then seen only once the service
     /// reads what the client sent before it left.
-    fn poll_peer_gone(stream: &mut Self::Stream, cx: &mut Context<'_>) -> Poll<Error> {
-        let _ = (stream, cx);
+    fn poll_peer_gone(_stream: &mut Self::Stream, _cx: &mut Context<'_>) -> Poll<Error> {
         Poll::Pending
     }
 }

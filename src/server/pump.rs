@@ -143,6 +143,8 @@ impl<M: Multiplexer> Pump<M> {
         while let Some(ev) = self.ready.pop_front() {
             child.step(ev).await?;
         }
+        // Drained: its room goes too, not held for the source's life.
+        self.ready = VecDeque::new();
         if let Some(ended) = self.ended.take() {
             return ended.map_err(Stop::Failed);
         }

@@ -123,14 +123,19 @@ impl Grant {
     pub(crate) fn consumed(&mut self, len: usize) {
         self.consumed += cost(len);
         // The common case, per frame: nothing is due yet.
-        let step = (self.window / 2).min(CREDIT_STEP);
-        if self.consumed - self.reported < u64::from(step)
+        if self.consumed - self.reported < self.step()
             && self.syncs.is_empty()
             && self.blocked_at.is_none()
         {
             return;
         }
         self.settle(false);
+    }
+
+    /// How much the consumer takes before credit goes back.
+    #[inline]
+    fn step(&self) -> u64 {
+        u64::from((self.window / 2).min(CREDIT_STEP))
     }
 
     /// True when messages wait to be written.
@@ -146,8 +151,7 @@ impl Grant {
     }
 
     fn settle(&mut self, starving: bool) {
-        let step = (self.window / 2).min(CREDIT_STEP);
-        let mut due = self.consumed - self.reported >= u64::from(step);
+        let mut due = self.consumed - self.reported >= self.step();
         while self.syncs.front().is_some_and(|&at| at <= self.consumed) {
             self.syncs.pop_front();
             due = true;
