@@ -99,6 +99,9 @@ pub struct MuxStream {
     pub(super) link: Option<Active>,
     /// The send-budget round this stream is registered for, with the waker it gave.
     budget_wait: Option<(u64, std::task::Waker)>,
+    /// The rest of a yamux frame's body a read had no room for: the next read (or
+    /// chunk) starts with it.
+    rest: Option<(yamux::Packet, usize)>,
     watch: Watch,
 }
 
@@ -122,6 +125,7 @@ impl MuxStream {
             _permit: None,
             link: None,
             budget_wait: None,
+            rest: None,
             watch,
         }
     }
@@ -154,6 +158,10 @@ impl MuxStream {
     /// the relay; `None` at the end of the stream. Like a read, it sends what this
     /// side owes (its open header) when it would wait, and fails when the link dies.
     pub(super) fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Chunk>>> {
+        if let Some((p, at)) = self.rest.take() {
+            // Only after a read that stopped inside a frame (a status byte): rare.
+            return Poll::Ready(Ok(Some(Chunk::Local(p.as_ref()[at..].to_vec()))));
+        }
         let r = match &mut self.io {
             Io::Yamux(s) => {
                 use futures::Stream;
@@ -259,7 +267,7 @@ impl MuxStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match &mut self.io {
-            Io::Yamux(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Yamux(s) => poll_read_packets(s.get_mut(), &mut self.rest, cx, buf),
             Io::Local(s, _) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -343,6 +351,42 @@ impl MuxStream {
             (Io::Local(s, _), true) => Pin::new(s).poll_shutdown(cx),
         }
     }
+}
+
+/// Reads a yamux stream frame by frame (its `Stream` of packets) into `buf`, as much
+/// as has arrived and fits; what does not fit waits in `rest`. Unlike its
+/// `AsyncRead` behind `tokio_util::compat`, this never zeroes `buf`'s room first, so
+/// a big frame's buffer is written once, by the copy.
+fn poll_read_packets(
+    s: &mut yamux::Stream,
+    rest: &mut Option<(yamux::Packet, usize)>,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    use futures::Stream;
+    let start = buf.filled().len();
+    while buf.remaining() > 0 {
+        let (p, at) = match rest.take() {
+            Some(r) => r,
+            None => match Pin::new(&mut *s).poll_next(cx) {
+                Poll::Ready(Some(Ok(p))) => (p, 0),
+                Poll::Ready(Some(Err(e))) if buf.filled().len() == start => {
+                    return Poll::Ready(Err(e))
+                }
+                // What was read goes first; the error (or the end) comes again.
+                Poll::Ready(Some(Err(_)) | None) => break,
+                Poll::Pending if buf.filled().len() > start => break,
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        let data = &p.as_ref()[at..];
+        let k = data.len().min(buf.remaining());
+        buf.put_slice(&data[..k]);
+        if k < data.len() {
+            *rest = Some((p, at + k));
+        }
+    }
+    Poll::Ready(Ok(()))
 }
 
 /// A piece of data as a stream received it ([`MuxStream::poll_chunk`]).
@@ -447,10 +491,11 @@ impl OpenReader {
 /// small floor keeps the memory of thousands of idle streams small.
 const MIN_READ: usize = 8 * 1024;
 
-/// The most room one read is given. A reader behind `tokio_util::compat` (a yamux
-/// stream) zeroes all the room it is given on every read, whatever arrives: without
-/// a cap, reading a big frame whose room was reserved whole would zero what is left
-/// of it each time (quadratic). yamux rarely returns more than this (its window).
+/// The most room one read is given: what one read moves before the decoder (and the
+/// credit, and the stats) see it. A yamux stream's reads zero nothing
+/// ([`MuxStream`] reads its frames, not through `tokio_util::compat`, which zeroes
+/// all the room it is given on every read); other readers may, and without a cap a
+/// big frame's room would be zeroed again on each read.
 const MAX_READ: usize = 256 * 1024;
 
 /// Reads once from a framed stream into `buf`, after what it holds, for `codec` to
@@ -462,8 +507,8 @@ const MAX_READ: usize = 256 * 1024;
 /// the codec's limit) is reserved first, so it arrives without regrowth copies;
 /// otherwise at least [`MIN_READ`] bytes. Each read then goes straight into `buf`'s
 /// spare capacity (`tokio_util::io::poll_read_buf`, at most [`MAX_READ`] of it): no
-/// scratch buffer, no copy, and a tokio-native reader (TCP, an in-memory pipe)
-/// zeroes nothing.
+/// scratch buffer, no copy, and neither a [`MuxStream`] nor a tokio-native reader
+/// (TCP, an in-memory pipe) zeroes it.
 ///
 /// Once `buf` holds more than [`MIN_READ`] of a frame, only what that frame still
 /// needs is reserved: asking for the floor near its end would make `BytesMut` move

@@ -135,6 +135,13 @@ impl RemoteFrames {
                 Poll::Ready(Some(Err(e)))
             }
             Ahead::Pending => {
+                if self.buf.is_empty() && !self.buf.try_reclaim(MIN_KEEP) {
+                    // The frames cut from the buffer's allocation are still held (by
+                    // the consumer, or ahead): a waiting reader must not keep it alive
+                    // after them. Once they are gone, it is the next frame's buffer,
+                    // reused without a new allocation.
+                    self.buf = BytesMut::new();
+                }
                 self.grant.starving();
                 // Pending: it goes with a later poll.
                 let _ = self.poll_grant(cx);
@@ -182,16 +189,7 @@ impl ReadAhead for RemoteFrames {
     }
 
     fn decode_ahead(&mut self) -> Result<()> {
-        let big = self.ahead.back().map_or(0, Bytes::len);
-        let r = self.decode_items();
-        // A big frame was split off the buffer, which still shares its allocation:
-        // let go of it, or a consumer that keeps a source without reading keeps a
-        // dead frame's memory too.
-        let last = self.ahead.back().map_or(0, Bytes::len);
-        if self.buf.is_empty() && (last.max(big) >= RELEASE_FROM || self.buf.capacity() < 1024) {
-            self.buf = BytesMut::new();
-        }
-        r
+        self.decode_items()
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
@@ -199,9 +197,8 @@ impl ReadAhead for RemoteFrames {
     }
 }
 
-/// An empty read buffer is released after decoding a frame this big: it is the
-/// tail of that frame's allocation.
-const RELEASE_FROM: usize = 8 * 1024;
+/// An empty read buffer kept while its reader waits has room for at least this much.
+const MIN_KEEP: usize = 1;
 
 impl RemoteFrames {
     fn decode_items(&mut self) -> Result<()> {
