@@ -200,6 +200,40 @@ async fn dial_by_node_port_and_on_node_crosses_the_relay_with_fin_both_ways() {
 }
 
 #[tokio::test]
+async fn a_dial_told_to_wait_for_a_route_waits_for_it_and_no_longer() {
+    // chanserv's server dials a client's reply address as soon as the request arrives,
+    // and the request can outrun the ROUTES naming the client's node (seen across
+    // hosts, scripts/hosts.sh): that dial waits for the route; a plain one fails.
+    let (a, b, c) = (node(), node(), node());
+    let _ab = link(&a, &b).await;
+    let mut port = c.bind(":0").unwrap();
+    let there = format!("{:016x}:{}", c.id(), &port.local_addr().vaddr()[1..]);
+    let err = a.dial(&there, T).await.unwrap_err();
+    assert!(matches!(err, Error::NoSuchAddress(_)), "{err}");
+    let quick = DialOptions::new(Duration::from_millis(200)).wait_for_route(true);
+    let err = a.dial(&there, quick).await.unwrap_err();
+    assert!(matches!(err, Error::NoSuchAddress(_)), "{err}");
+
+    let waiting = a.dial(&there, DialOptions::new(T).wait_for_route(true));
+    tokio::pin!(waiting);
+    // Still waiting, not failed (without the option it fails at once, as above).
+    assert!(timeout(Duration::from_millis(100), &mut waiting)
+        .await
+        .is_err());
+    let (_bc, s) = tokio::join!(link(&b, &c), waiting);
+    let mut s = s.expect("routed once C joined");
+    s.write_all(b"late").await.unwrap();
+    s.shutdown().await.unwrap();
+    let (mut far, _) = timeout(T, port.accept()).await.unwrap().unwrap();
+    let mut got = Vec::new();
+    timeout(T, far.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"late");
+}
+
+#[tokio::test]
 async fn a_stalled_consumer_at_a_bounds_what_c_produces_and_b_holds() {
     let (a, b, c, _ab, _bc) = chain().await;
     let polled = Arc::new(AtomicU64::new(0));

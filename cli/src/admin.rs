@@ -1,8 +1,9 @@
 //! The admin service every node the CLI runs (`chanserv node`, `chanserv serve`)
-//! binds under the reserved name [`ADMIN`]: a request `names`, `peers`, `stats` or
-//! `services` gets one source (header: the request) with one frame, a JSON object
-//! ([`NamesReply`], [`PeersReply`], and in `stats`: `StatsReply`, `ServicesReply`).
-//! `chanserv names` / `peers` / `stats` post it to one node with `Client::post_to`,
+//! binds under the reserved name [`ADMIN`]: a request `names`, `peers`, `routes`,
+//! `stats` or `services` gets one source (header: the request) with one frame, a JSON
+//! object ([`NamesReply`], [`PeersReply`], [`RoutesReply`], and in `stats`:
+//! `StatsReply`, `ServicesReply`). `chanserv names` / `peers` / `routes` / `stats`
+//! post it to one node with `Client::post_to`,
 //! since every CLI node binds the same name.
 //!
 //! `stats` is the node's links and the stats of every service served by the CLI
@@ -66,6 +67,44 @@ pub struct PeerInfo {
     pub id: String,
     /// Links to it (more than one while a link drains after a rotation).
     pub links: usize,
+}
+
+/// The answer to `routes`: every node the answering node reaches through the mesh.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RoutesReply {
+    /// The answering node's id.
+    pub node: String,
+    /// One per node reached, by id.
+    pub routes: Vec<RouteLine>,
+}
+
+/// The route to one node, as [`Node::routes`] gives it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RouteLine {
+    /// The node reached.
+    pub id: String,
+    /// The nodes a stream to it passes: the linked peer first, `id` last.
+    pub path: Vec<String>,
+    /// The service names it provides (none when of another environment).
+    pub names: Vec<String>,
+}
+
+impl RoutesReply {
+    /// `node`'s routes now.
+    pub fn of(node: &Node) -> Self {
+        RoutesReply {
+            node: hex(node.id()),
+            routes: node
+                .routes()
+                .into_iter()
+                .map(|r| RouteLine {
+                    id: hex(r.node),
+                    path: r.path.into_iter().map(hex).collect(),
+                    names: r.names,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Services a process serves, by name: shared by the code that binds them, the
@@ -160,7 +199,7 @@ impl Ctx {
         Ok(Bytes::from(json?))
     }
 
-    /// `names` and `peers`.
+    /// `names`, `peers` and `routes`.
     fn answer_now(
         node: &Node,
         info: &AdminInfo,
@@ -192,9 +231,10 @@ impl Ctx {
                         .collect(),
                 })
             }
+            b"routes" => serde_json::to_vec(&RoutesReply::of(node)),
             other => {
                 return Err(format!(
-                    "unknown admin request {:?}: ask names, peers, stats or services",
+                    "unknown admin request {:?}: ask names, peers, routes, stats or services",
                     String::from_utf8_lossy(other)
                 ))
             }

@@ -18,13 +18,13 @@
 //! - `node`: `chanserv node`. `relay`: how a node forwards the services of the nodes
 //!   joined to it (the library routes a name over one link only).
 //! - `admin`: the reserved `chanserv.admin` service every CLI node answers, and its
-//!   replies. `query`: `chanserv names` / `peers` / `stats`, its clients; `stats`:
+//!   replies. `query`: `chanserv names` / `peers` / `routes` / `stats`, its clients; `stats`:
 //!   the `stats` answer (links, services, blocked sources) and how it is printed.
 //! - `prom`: `--metrics ADDR`, the library's metrics in the Prometheus text format.
 //! - `serve`: `chanserv serve` (`--dir`, `--echo`); `exec`: `--exec`, one process per
 //!   request.
 //! - `post`: `chanserv post`; `output`: how its sources are printed or saved, and
-//!   the progress display.
+//!   the progress display. `ping`: `chanserv ping`, requests timed one by one.
 //! - `units`: durations (`5s`) and sizes (`64KiB`) on the command line.
 #![forbid(unsafe_code)]
 
@@ -47,6 +47,7 @@ mod exec;
 mod mesh;
 mod node;
 mod output;
+mod ping;
 mod post;
 mod progress;
 mod prom;
@@ -95,6 +96,10 @@ enum Command {
     Names(query::NamesArgs),
     /// List the peers a node is linked to.
     Peers(query::Args),
+    /// List the nodes a node reaches through the mesh, with the path to each.
+    Routes(query::Args),
+    /// Post small requests to a service, one after another, and time each.
+    Ping(ping::Args),
     /// Show a node's links and the counters of the services it knows, with the
     /// sources a slow consumer holds back.
     Stats(query::Args),
@@ -174,6 +179,8 @@ async fn dispatch(cmd: Command) -> Result<u8, Fail> {
         Command::Post(a) => post::run(a).await,
         Command::Names(a) => query::names(a).await,
         Command::Peers(a) => query::peers(a).await,
+        Command::Routes(a) => query::routes(a).await,
+        Command::Ping(a) => ping::run(a).await,
         Command::Stats(a) => stats::run(a).await,
     }
 }
@@ -200,7 +207,7 @@ fn clap_failure(e: clap::Error) -> ExitCode {
             ExitCode::SUCCESS
         }
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => report(Fail::usage(
-            "a subcommand is needed: node, serve, post, names, peers or stats (see --help)",
+            "a subcommand is needed: node, serve, post, ping, names, peers, routes or stats (see --help)",
         )),
         _ => {
             // The message is the first paragraph (tips and usage follow a blank line).

@@ -38,6 +38,13 @@ pub struct JoinArgs {
     pub connect_timeout: Option<Duration>,
 }
 
+impl JoinArgs {
+    /// True when no node to link to is given.
+    pub fn is_empty(&self) -> bool {
+        self.join.is_empty() && self.join_unix.is_empty() && self.spawn.is_empty()
+    }
+}
+
 /// Where to accept links from other nodes.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ListenArgs {
@@ -103,6 +110,27 @@ pub struct Mesh {
 }
 
 impl Plan {
+    /// A client's node (`post`, `ping`): it links to the nodes of `join`, listens on
+    /// nothing. `what` names the command in the usage error when `join` is empty.
+    pub fn client(
+        what: &str,
+        ident: &IdentArgs,
+        join: &JoinArgs,
+        tls: &TlsArgs,
+    ) -> Result<Plan, Fail> {
+        if join.is_empty() {
+            return Err(Fail::usage(format!(
+                "{what} needs --join, --join-unix or --spawn (see --help)"
+            )));
+        }
+        Ok(Plan {
+            ident: ident.clone(),
+            join: join.clone(),
+            tls: tls.clone(),
+            ..Plan::default()
+        })
+    }
+
     /// The node's settings; a keep-alive interval not shorter than its timeout is a
     /// usage error here, not a panic in the library.
     pub fn node_config(&self) -> Result<NodeConfig, Fail> {

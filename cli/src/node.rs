@@ -36,9 +36,11 @@ Examples:
                                        # tls_cert tls_key tls_ca tls_allow_peers tls_allow_names
 
 A flag overrides the config file; a list flag (--listen, --join, ...) replaces the file's list.
-Services of nodes joined to this one are relayed, so a client joined here can post to them
-(one relay hop at most). Admin requests `names`, `peers` and `stats` go to the name
-chanserv.admin (chanserv names / peers / stats ask them).";
+Every service on the mesh is reachable from here, through the nodes between (chanserv routes
+shows the paths). This node also binds its peers' services and forwards their requests (the
+CLI's relay, one hop at most); --no-relay leaves that to the mesh. Admin requests `names`,
+`peers`, `routes` and `stats` go to the name chanserv.admin (chanserv names / peers / routes /
+stats ask them).";
 
 /// `chanserv node` flags.
 #[derive(clap::Args, Debug)]

@@ -80,29 +80,19 @@ pub struct Args {
 
 /// Posts, prints, and says how it went.
 pub async fn run(args: Args) -> Result<u8, Fail> {
-    if args.join.join.is_empty() && args.join.join_unix.is_empty() && args.join.spawn.is_empty() {
-        return Err(Fail::usage(
-            "post needs --join, --join-unix or --spawn (see --help)",
-        ));
-    }
+    let plan = Plan::client("post", &args.ident, &args.join, &args.tls)?;
     let body = read_body(args.body.as_deref(), args.body_file.as_deref()).await?;
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir)
             .map_err(|e| Fail::usage(format!("cannot create {}: {e}", dir.display())))?;
     }
-    let plan = Plan {
-        ident: args.ident.clone(),
-        join: args.join.clone(),
-        tls: args.tls.clone(),
-        ..Plan::default()
-    };
     let mesh = plan.start().await?;
     let r = post(&mesh.node, &args, body).await;
     mesh.shutdown(Duration::from_secs(1)).await;
     r
 }
 
-async fn read_body(arg: Option<&str>, file: Option<&Path>) -> Result<Bytes, Fail> {
+pub async fn read_body(arg: Option<&str>, file: Option<&Path>) -> Result<Bytes, Fail> {
     if let Some(path) = file {
         return tokio::fs::read(path)
             .await
@@ -123,18 +113,27 @@ async fn read_body(arg: Option<&str>, file: Option<&Path>) -> Result<Bytes, Fail
     }
 }
 
-async fn post(node: &chanserv::Node, args: &Args, body: Bytes) -> Result<u8, Fail> {
-    let name = &args.service;
-    node.wait_for_name(name, args.timeout)
+/// Waits up to `within` (`--timeout`) for `name` to reach `node`, then makes a client
+/// on it. A name that does not show up is a usage error: nothing was posted.
+pub async fn client_for(
+    node: &chanserv::Node,
+    name: &str,
+    within: Duration,
+) -> Result<Client, Fail> {
+    node.wait_for_name(name, within)
         .await
         .map_err(|e| match e {
             chanserv::Error::NoSuchAddress(_) => Fail::usage(format!(
-                "no service named {name:?} within {:?} (--timeout)",
-                args.timeout
+                "no service named {name:?} within {within:?} (--timeout)"
             )),
             other => Fail::usage(describe(&other)),
         })?;
-    let client = Client::new(node.clone()).map_err(|e| Fail::usage(describe(&e)))?;
+    Client::new(node.clone()).map_err(|e| Fail::usage(describe(&e)))
+}
+
+async fn post(node: &chanserv::Node, args: &Args, body: Bytes) -> Result<u8, Fail> {
+    let name = &args.service;
+    let client = client_for(node, name, args.timeout).await?;
     let mut tags: Vec<RequestTag> = args.tag.iter().cloned().map(RequestTag::Meta).collect();
     tags.extend(args.bucket.clone().map(RequestTag::Bucket));
     let sources = client

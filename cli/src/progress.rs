@@ -130,7 +130,7 @@ impl Progress {
     pub fn finish(&mut self, sources: usize, failed: usize, request_failed: bool) {
         let secs = self.started.elapsed().as_secs_f64();
         let line = format!(
-            "{sources} sources ({failed} failed), {} bytes in {secs:.2} s",
+            "{sources} sources ({failed} failed), {} bytes in {secs:.3} s",
             self.bytes
         );
         let live = self.bar.take().map(|b| b.finish_and_clear()).is_some();

@@ -1,4 +1,5 @@
-//! `chanserv names`, `chanserv peers` and `chanserv stats` (its printing in `stats`):
+//! `chanserv names`, `chanserv peers`, `chanserv routes` and `chanserv stats` (its
+//! printing in `stats`):
 //! join one node and ask its admin service (see `admin`) what it sees. Output: text
 //! lines, or the node's JSON (`--json`).
 
@@ -7,7 +8,7 @@ use std::time::Duration;
 use chanserv::{Client, NodeId};
 use serde::de::DeserializeOwned;
 
-use crate::admin::{ask_peer, is_reserved, NamesReply, PeersReply, ADMIN};
+use crate::admin::{ask_peer, is_reserved, NamesReply, PeersReply, RoutesReply, ADMIN};
 use crate::mesh::{JoinArgs, Plan};
 use crate::tls::TlsArgs;
 use crate::units::parse_duration;
@@ -18,6 +19,7 @@ Examples:
   chanserv names --join 127.0.0.1:7000          # NAME PROVIDER...
   chanserv names --join 127.0.0.1:7000 --all    # with the reserved chanserv.* names
   chanserv peers --join-unix /tmp/chanserv.sock --json
+  chanserv routes --join 127.0.0.1:7000         # route <node> hops <n> path <peer>,...,<node>
   chanserv stats --join 127.0.0.1:7000          # links, services, blocked sources
 
 The node must be one the CLI runs (chanserv node or chanserv serve): they answer the
@@ -78,6 +80,33 @@ pub async fn peers(args: Args) -> Result<u8, Fail> {
     }
     for p in &reply.peers {
         println!("peer {} links {}", p.id, p.links);
+    }
+    Ok(0)
+}
+
+/// `chanserv routes`: `node <id>`, then `route <id> hops <n> path <id>,...` per node
+/// reached (the linked peer first, the node last), with ` names <name>,...` when it
+/// provides names (the reserved ones left out).
+pub async fn routes(args: Args) -> Result<u8, Fail> {
+    let (json, reply) = ask::<RoutesReply>(&args, "routes").await?;
+    if args.json {
+        println!("{json}");
+        return Ok(0);
+    }
+    println!("node {}", reply.node);
+    for r in &reply.routes {
+        let names: Vec<&str> = r
+            .names
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !is_reserved(n))
+            .collect();
+        let names = match names.is_empty() {
+            true => String::new(),
+            false => format!(" names {}", names.join(",")),
+        };
+        let (hops, path) = (r.path.len(), r.path.join(","));
+        println!("route {} hops {hops} path {path}{names}", r.id);
     }
     Ok(0)
 }

@@ -372,6 +372,7 @@ pub struct DialOptions {
     pub(crate) bucket: Option<String>,
     pub(crate) node: Option<NodeId>,
     pub(crate) wait_for_slot: bool,
+    pub(crate) wait_for_route: bool,
 }
 
 impl DialOptions {
@@ -382,6 +383,7 @@ impl DialOptions {
             bucket: None,
             node: None,
             wait_for_slot: false,
+            wait_for_route: false,
         }
     }
 
@@ -409,6 +411,17 @@ impl DialOptions {
     /// consumer is done with an earlier source). The link's death still ends the wait.
     pub fn wait_for_slot(mut self, on: bool) -> Self {
         self.wait_for_slot = on;
+        self
+    }
+
+    /// A dial of `"<node>:<port>"` whose node the mesh does not route to yet waits,
+    /// within the timeout, for a route to appear, instead of failing at once with
+    /// [`Error::NoSuchAddress`] (which it still does when the time is up). For a node
+    /// known to exist whose route may still be on its way: chanserv's server dialing
+    /// a client's reply address, since a request that crossed the mesh can outrun the
+    /// routes that name the client's node. Ignored for other addresses.
+    pub fn wait_for_route(mut self, on: bool) -> Self {
+        self.wait_for_route = on;
         self
     }
 }

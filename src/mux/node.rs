@@ -290,13 +290,31 @@ impl Inner {
         // A draining link may retire between the route and the open: route again once.
         let mut retry = true;
         loop {
-            let (link, open) = match self.route(&v, &opts)? {
+            let (link, open) = match self.route_by(&v, &opts, deadline).await? {
                 Route::Local(tx, key) => return self.dial_local(tx, key, &vaddr, deadline).await,
                 Route::Remote(link, open) => (link, open),
             };
             let draining = link.link().is_draining();
             match self.dial_link(link, &open, &opts, deadline).await {
                 Err(Error::LinkClosed) if draining && retry => retry = false,
+                r => return r,
+            }
+        }
+    }
+
+    /// [`route`](Self::route); with [`DialOptions::wait_for_route`], a `<node>:<port>`
+    /// whose node the mesh does not reach yet waits for a route until `deadline`.
+    async fn route_by(&self, v: &VAddr, opts: &DialOptions, deadline: Instant) -> Result<Route> {
+        let waits = opts.wait_for_route && matches!(v, VAddr::Node(id, _) if *id != self.id);
+        loop {
+            // Taken before the look, so a change right after it is not missed.
+            let changed = self.names_changed.notified();
+            match self.route(v, opts) {
+                Err(Error::NoSuchAddress(_)) if waits => {
+                    if timeout_at(deadline, changed).await.is_err() {
+                        return self.route(v, opts);
+                    }
+                }
                 r => return r,
             }
         }

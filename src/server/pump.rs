@@ -82,7 +82,10 @@ impl<M: Multiplexer> Pump<M> {
     }
 
     async fn pump(mut self) -> Result<(), Stop> {
-        let opts = DialOptions::new(self.ctx.cfg.chan_accept_timeout).wait_for_slot(true);
+        // The request may have outrun the routes to the client's node: wait for one.
+        let opts = DialOptions::new(self.ctx.cfg.chan_accept_timeout)
+            .wait_for_slot(true)
+            .wait_for_route(true);
         let s = self
             .ctx
             .mux
