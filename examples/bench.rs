@@ -23,8 +23,10 @@
 //!
 //! `--relay` links client and server only through a third node (this program run as
 //! `bench relay-node`, a process of its own): the client reaches the service and the
-//! server dials its child streams back through it. The line adds `relay_rss_mib`, the
-//! relay process's peak RSS.
+//! server dials its child streams back through it. The line adds `relay_cpu_util`, the
+//! relay process's CPU over the measured request (as `cpu_util` is this process's),
+//! `relay_rss_mib`, its peak RSS, and `relay_cpu_s`, the CPU seconds it used in all,
+//! the warm-up request included.
 //!
 //! `mux-heavy` and `mux-flood` measure the multiplexer alone (`peer=node`): the same
 //! shapes as `heavy`/`flood`, one `Node` stream per source, with the application code of
@@ -168,7 +170,12 @@ fn vm_hwm_mib() -> f64 {
 }
 
 fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    proc_cpu_secs("self")
+}
+
+/// CPU seconds (user and system) used so far by the process `pid` (or "self").
+fn proc_cpu_secs(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
@@ -336,13 +343,21 @@ fn run(a: &Args) -> Result<String, String> {
             vm_hwm_mib()
         )
     } else {
-        let (secs, cpu) = on_runtime(cli, async move {
+        let relay_pid = relay_node.as_ref().map(|r| r.pid().to_string());
+        let relay_cpu = move || relay_pid.as_deref().map_or(0.0, proc_cpu_secs);
+        let (secs, cpu, rcpu) = on_runtime(cli, async move {
             request(&client, &work, body, shape).await?; // warm-up
-            let (c0, t0) = (cpu_secs(), Instant::now());
+            let (c0, r0, t0) = (cpu_secs(), relay_cpu(), Instant::now());
             request(&client, &work, body, shape).await?;
-            Ok::<_, String>((t0.elapsed().as_secs_f64(), cpu_secs() - c0))
+            let secs = t0.elapsed().as_secs_f64();
+            Ok::<_, String>((secs, cpu_secs() - c0, relay_cpu() - r0))
         })?;
-        throughput_line("chanserv", &a.label(), &a.rt, shape, secs, cpu)
+        let line = throughput_line("chanserv", &a.label(), &a.rt, shape, secs, cpu);
+        match a.relay {
+            // The relay's CPU over the measured request, as `cpu_util` is ours.
+            true => format!("{line} relay_cpu_util={:.2}", rcpu / secs),
+            false => line,
+        }
     };
     drop(server_node);
     match relay_node {

@@ -66,6 +66,11 @@ impl Relay {
         })
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops the relay: its peak RSS in MiB and the CPU seconds it used, as
     /// `relay_rss_mib=… relay_cpu_s=…`.
     pub fn finish(mut self) -> Result<String, String> {

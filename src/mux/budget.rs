@@ -102,24 +102,101 @@ impl SendBudget {
     }
 }
 
-/// The link's (buffered) socket as yamux sees it: counts what yamux writes for the
-/// [`SendBudget`], counts the link's bytes in and out ([`Traffic`]: one relaxed add
-/// per read or write call, which moves a whole frame or buffer), and defers yamux's
-/// flushes.
+/// The link's socket as yamux sees it: coalesces yamux's writes, counts what yamux
+/// writes for the [`SendBudget`], counts the link's bytes in and out ([`Traffic`]: one
+/// relaxed add per read or write call, which moves a whole frame or buffer), and
+/// defers yamux's flushes.
+///
+/// yamux writes each frame's 12-byte header apart from its body. Small writes wait in
+/// `out` (up to `out_cap`); a write that does not fit leaves together with what waits
+/// in one vectored write, so a data frame's header never costs a `send` of its own
+/// (nor the peer a wake-up for it), and a big body is not copied into a buffer.
 ///
 /// yamux flushes the socket after every frame, which costs a `send` per frame (a
 /// request, its answer and the stream's FIN would be three). Flushes are deferred
 /// until yamux waits to read, i.e. has nothing more to send right now, or 16 were
 /// deferred, so frames queued together leave in one `send`.
 pub(super) struct LinkIo<T> {
-    pub(super) io: T,
-    pub(super) budget: std::sync::Arc<SendBudget>,
-    pub(super) traffic: std::sync::Arc<Traffic>,
+    io: T,
+    /// Bytes accepted from yamux and not yet handed to `io`.
+    out: Vec<u8>,
+    /// The most `out` holds; 0 hands every write to `io` as it comes.
+    out_cap: usize,
+    budget: std::sync::Arc<SendBudget>,
+    traffic: std::sync::Arc<Traffic>,
     /// Flushes yamux asked for and that were not done yet.
-    pub(super) deferred: u32,
+    deferred: u32,
 }
 
 const MAX_DEFERRED_FLUSHES: u32 = 16;
+
+impl<T: AsyncWrite + Unpin> LinkIo<T> {
+    pub(super) fn new(
+        io: T,
+        out_cap: usize,
+        budget: std::sync::Arc<SendBudget>,
+        traffic: std::sync::Arc<Traffic>,
+    ) -> Self {
+        LinkIo {
+            io,
+            out: Vec::with_capacity(out_cap),
+            out_cap,
+            budget,
+            traffic,
+            deferred: 0,
+        }
+    }
+
+    /// Hands all of `out` to `io`.
+    fn poll_send_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends what waits and flushes `io`.
+    fn poll_flush_now(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_send_out(cx))?;
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        self.deferred = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Takes `buf` (or its start): into `out` when it fits, else to `io` after (in one
+    /// vectored write with) what waits in `out`.
+    fn poll_write_coalesced(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if self.out.len() + buf.len() <= self.out_cap {
+                self.out.extend_from_slice(buf);
+                return Poll::Ready(Ok(buf.len()));
+            }
+            if self.out.is_empty() {
+                return Pin::new(&mut self.io).poll_write(cx, buf);
+            }
+            let both = [io::IoSlice::new(&self.out), io::IoSlice::new(buf)];
+            let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &both))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let waiting = self.out.len();
+            if n > waiting {
+                self.out.clear();
+                return Poll::Ready(Ok(n - waiting));
+            }
+            // Only (part of) what waited left: the rest of it goes first, next round.
+            self.out.drain(..n);
+        }
+    }
+}
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for LinkIo<T> {
     fn poll_read(
@@ -133,9 +210,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for LinkIo<T> {
             self.traffic.read(buf.filled().len() - before);
         }
         if r.is_pending() && self.deferred > 0 {
-            if let Poll::Ready(f) = Pin::new(&mut self.io).poll_flush(cx) {
+            // A flush that cannot finish now goes on at the next write, flush or read.
+            if let Poll::Ready(f) = self.poll_flush_now(cx) {
                 f?;
-                self.deferred = 0;
             }
         }
         r
@@ -148,7 +225,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for LinkIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+        let n = ready!(self.poll_write_coalesced(cx, buf))?;
         self.budget.written(n);
         self.traffic.wrote(n);
         Poll::Ready(Ok(n))
@@ -158,11 +235,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for LinkIo<T> {
         if self.deferred < MAX_DEFERRED_FLUSHES {
             return Poll::Ready(Ok(()));
         }
-        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
-        self.deferred = 0;
-        Poll::Ready(Ok(()))
+        self.poll_flush_now(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_send_out(cx))?;
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
@@ -199,5 +275,89 @@ mod tests {
         assert_eq!(b.queued(), 0);
         b.handed(64 * 1024);
         assert!(b.poll_room(&mut cx, &mut reg).is_pending());
+    }
+
+    /// A socket that takes at most `limit` bytes per call and notes each call's size.
+    #[derive(Default)]
+    struct Calls {
+        limit: usize,
+        calls: Vec<usize>,
+        got: Vec<u8>,
+    }
+
+    impl AsyncWrite for Calls {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let k = b.len().min(self.limit - n);
+                self.got.extend_from_slice(&b[..k]);
+                n += k;
+            }
+            self.calls.push(n);
+            Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn link_io(limit: usize) -> LinkIo<Calls> {
+        let budget = std::sync::Arc::new(SendBudget::new(1 << 20));
+        let calls = Calls {
+            limit,
+            ..Calls::default()
+        };
+        LinkIo::new(calls, 1024, budget, Default::default())
+    }
+
+    #[tokio::test]
+    async fn a_frame_header_leaves_with_its_body_in_one_write() {
+        use tokio::io::AsyncWriteExt;
+        let mut io = link_io(usize::MAX);
+        let body: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        io.write_all(b"header").await.unwrap();
+        assert!(io.io.calls.is_empty(), "a small write waits");
+        io.write_all(&body).await.unwrap();
+        assert_eq!(io.io.calls, [6 + 4096], "header and body in one call");
+        // Small writes wait for a flush that is not deferred (the 16th).
+        io.write_all(b"wu").await.unwrap();
+        for _ in 0..MAX_DEFERRED_FLUSHES {
+            io.flush().await.unwrap();
+        }
+        assert_eq!(io.io.calls, [6 + 4096, 2]);
+        let sent = [&b"header"[..], &body, b"wu"].concat();
+        assert_eq!(io.io.got, sent);
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_takes_little_gets_every_byte_in_order() {
+        use tokio::io::AsyncWriteExt;
+        let mut io = link_io(100);
+        let mut sent = Vec::new();
+        for i in 0..20u32 {
+            let chunk: Vec<u8> = (0..(i * 97) % 3000).map(|j| (i + j) as u8).collect();
+            io.write_all(&chunk).await.unwrap();
+            sent.extend_from_slice(&chunk);
+        }
+        io.shutdown().await.unwrap();
+        assert_eq!(io.io.got, sent);
+        assert!(io.io.calls.iter().all(|&n| n <= 100));
     }
 }

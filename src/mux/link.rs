@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use futures::future::poll_fn;
 use futures::{AsyncRead as FAsyncRead, AsyncWrite as FAsyncWrite};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::timeout;
 use tokio_util::compat::TokioAsyncReadCompatExt;
@@ -180,13 +180,13 @@ impl Inner {
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        // Writes are coalesced (yamux writes each frame's header apart from its body)
-        // and reads are buffered on a bare socket, saving a syscall per frame header. A
-        // TLS stream (a link with an identity) buffers both ways already (`tls_io`), so
-        // a second buffer there would only copy every byte once more.
-        // (tokio's `BufReader` refuses 0; with 1, every read and write bypasses it.)
+        // Writes are coalesced (`LinkIo`: yamux writes each frame's header apart from
+        // its body) and reads are buffered on a bare socket, saving a syscall per frame
+        // header. A TLS stream (a link with an identity) buffers both ways already
+        // (`tls_io`), so a second buffer there would only copy every byte once more.
+        // (tokio's `BufReader` refuses 0; with 1, every read bypasses it.)
         let buffer = if identity.is_some() { 1 } else { 64 * 1024 };
-        let mut io = BufStream::with_capacity(buffer, buffer, io);
+        let mut io = BufReader::with_capacity(buffer, io);
         let (peer, max_streams) = timeout(
             self.cfg.handshake_timeout,
             handshake(&mut io, self.id, &self.cfg),
@@ -200,12 +200,8 @@ impl Inner {
         };
         let budget = Arc::new(SendBudget::new(self.cfg.send_queue));
         let traffic = Arc::new(Traffic::default());
-        let io = LinkIo {
-            io,
-            budget: budget.clone(),
-            traffic: traffic.clone(),
-            deferred: 0,
-        };
+        let out_cap = if buffer > 1 { buffer } else { 0 };
+        let io = LinkIo::new(io, out_cap, budget.clone(), traffic.clone());
         let conn = yamux::Connection::new(io.compat(), self.cfg.yamux(max_streams), mode);
         let (open_tx, open_rx) = mpsc::channel(64);
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
