@@ -230,8 +230,10 @@ for r in $(seq 1 "$ROUNDS"); do
     done
 done
 rm -rf "$LOG/got" "$LOG/pub"
-for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done # silently
+{ # silently: the shell's "Killed" notices go to this block's stderr
+    for pid in "${PIDS[@]}"; do kill -KILL "$pid" || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" || true; done
+} 2>/dev/null
 PIDS=()
 
 # ------------------------------------------------------------------ the ring
