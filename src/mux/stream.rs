@@ -159,14 +159,14 @@ impl MuxStream {
     /// side owes (its open header) when it would wait, and fails when the link dies.
     pub(super) fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Chunk>>> {
         if let Some((p, at)) = self.rest.take() {
-            // Only after a read that stopped inside a frame (a status byte): rare.
-            return Poll::Ready(Ok(Some(Chunk::Local(p.as_ref()[at..].to_vec()))));
+            // What a read (of a status byte) left of a frame.
+            return Poll::Ready(Ok(Some(Chunk::Yamux(p, at))));
         }
         let r = match &mut self.io {
             Io::Yamux(s) => {
                 use futures::Stream;
                 match Pin::new(s.get_mut()).poll_next(cx) {
-                    Poll::Ready(Some(Ok(p))) => Poll::Ready(Ok(Some(Chunk::Yamux(p)))),
+                    Poll::Ready(Some(Ok(p))) => Poll::Ready(Ok(Some(Chunk::Yamux(p, 0)))),
                     Poll::Ready(Some(Err(e))) => Poll::Ready(Err(e)),
                     Poll::Ready(None) => Poll::Ready(Ok(None)),
                     Poll::Pending => Poll::Pending,
@@ -391,14 +391,15 @@ fn poll_read_packets(
 
 /// A piece of data as a stream received it ([`MuxStream::poll_chunk`]).
 pub(super) enum Chunk {
-    Yamux(yamux::Packet),
+    /// A yamux frame's body, from this offset on (a read may have taken its start).
+    Yamux(yamux::Packet, usize),
     Local(Vec<u8>),
 }
 
 impl AsRef<[u8]> for Chunk {
     fn as_ref(&self) -> &[u8] {
         match self {
-            Chunk::Yamux(p) => p.as_ref(),
+            Chunk::Yamux(p, at) => &p.as_ref()[*at..],
             Chunk::Local(v) => v,
         }
     }
