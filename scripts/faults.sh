@@ -18,6 +18,7 @@
 set -eu
 
 cd "$(dirname "$0")/.."
+. scripts/netns.sh # netns_teardown, netns_report
 [[ $EUID -eq 0 ]] || { echo "faults.sh: run as root (network namespaces)" >&2; exit 2; }
 if [[ -z ${FAULTS_INNER:-} ]]; then
     if [[ -z ${FAULTNODE:-} ]]; then
@@ -46,15 +47,9 @@ say() { printf '%s\n' "$*"; }
 cleanup() {
     set +e
     exec 2>/dev/null # no job-control notices for the processes killed here
-    for pid in "${PID[@]}"; do kill -KILL "$pid" 2>/dev/null; done
-    for ns in "${NETNS[@]}"; do
-        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
-    done
-    wait 2>/dev/null
-    for ns in "${NETNS[@]}"; do ip netns del "$ns" 2>/dev/null; done
+    netns_teardown "${PID[@]}"
     if [[ -n ${FAULTS_KEEP:-} ]]; then say "logs kept in $LOG"; else rm -rf "$LOG"; fi
-    left=$(ip netns list | grep -c "^$P-" || true)
-    say "cleanup: ${#NETNS[@]} namespaces deleted, $left left"
+    netns_report "$P"
 }
 trap cleanup EXIT
 trap 'say "faults.sh: interrupted (timeout?)"; exit 124' INT TERM

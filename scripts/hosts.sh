@@ -46,6 +46,7 @@ shopt -s inherit_errexit # a failure inside $(...) fails the script too
 export LC_ALL=C # a '.' in $EPOCHREALTIME and in printf's numbers
 
 cd "$(dirname "$0")/.."
+. scripts/netns.sh # netns_teardown, netns_report
 [[ $EUID -eq 0 ]] || { echo "hosts.sh: run as root (network namespaces)" >&2; exit 2; }
 if [[ -z ${HOSTS_INNER:-} ]]; then
     cargo build --release --quiet -p chanserv-cli
@@ -71,15 +72,10 @@ exec 3>&2 # the cleanup's report, once stderr is silenced
 cleanup() {
     set +e
     exec 2>/dev/null # no job-control notices for the processes killed here
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid"; done
-    for ns in "${NETNS[@]}"; do
-        for pid in $(ip netns pids "$ns"); do kill -KILL "$pid"; done
-    done
-    wait
-    for ns in "${NETNS[@]}"; do ip netns del "$ns"; done
+    netns_teardown "${PIDS[@]}"
     mkdir -p "$OUT" && cp "$LOG"/*.out "$LOG"/*.err "$OUT"/ 2>/dev/null
     rm -rf "$LOG"
-    echo "cleanup: ${#NETNS[@]} namespaces deleted, $(ip netns list | grep -c "^$P-") left" >&3
+    netns_report "$P" >&3
 }
 trap cleanup EXIT
 trap 'echo "hosts.sh: interrupted (timeout?)" >&2; exit 124' INT TERM

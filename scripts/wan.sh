@@ -28,6 +28,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+. scripts/netns.sh # netns_teardown, netns_report
 [[ $EUID -eq 0 ]] || { echo "wan.sh: run as root (network namespaces)" >&2; exit 2; }
 if [[ -z ${WAN_INNER:-} ]]; then
     cargo build --release --quiet --example wan --example delayproxy
@@ -50,14 +51,9 @@ exec 3>&2 # the cleanup's report, once stderr is silenced
 cleanup() {
     set +e
     exec 2>/dev/null # no job-control notices for the processes killed here
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid"; done
-    for ns in "${NETNS[@]}"; do
-        for pid in $(ip netns pids "$ns"); do kill -KILL "$pid"; done
-    done
-    wait
-    for ns in "${NETNS[@]}"; do ip netns del "$ns"; done
+    netns_teardown "${PIDS[@]}"
     rm -rf "$LOG"
-    echo "cleanup: ${#NETNS[@]} namespaces deleted, $(ip netns list | grep -c "^$P-") left" >&3
+    netns_report "$P" >&3
 }
 trap cleanup EXIT
 trap 'echo "wan.sh: interrupted (timeout?)" >&2; exit 124' INT TERM
