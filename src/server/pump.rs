@@ -15,7 +15,7 @@ use std::io;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::poll_fn;
@@ -152,28 +152,69 @@ impl<M: Multiplexer> Pump<M> {
             return ended.map_err(Stop::Failed);
         }
         loop {
-            let ev = match next_event(&mut self.source).now_or_never() {
-                Some(ev) => ev,
-                None => {
+            // Most frames only join the batch, in one synchronous loop: no future is
+            // built and nothing is awaited for them.
+            match fill(child, &mut self.source)? {
+                Fill::Write(big) => child.write_batch(big).await?,
+                Fill::Slow(ev) => child.put(ev).await?,
+                Fill::End => return Ok(()),
+                Fill::Pending => {
                     child.write(None).await.map_err(Stop::Gone)?;
                     child.idle();
-                    tokio::select! {
+                    let ev = tokio::select! {
                         ev = next_event(&mut self.source) => ev,
                         e = child.gone() => return Err(Stop::Gone(e)),
+                    };
+                    match ev {
+                        Some(ev) => child.step(ev).await?,
+                        None => return Ok(()),
                     }
                 }
-            };
-            match ev {
-                // Most frames only join the batch: no write future is built for them.
-                Some(ev) => match child.stage_now(ev)? {
-                    Step::Staged => {}
-                    Step::Write(big) => child.write_batch(big).await?,
-                    Step::Slow(ev) => child.put(ev).await?,
-                },
-                None => return Ok(()),
             }
         }
     }
+}
+
+/// Where [`fill`] stopped.
+enum Fill {
+    /// The batch must be written now (with `big`, a large payload not copied).
+    Write(Option<Bytes>),
+    /// Not a frame the credit allows: [`Child::put`] waits for what it needs.
+    Slow(Event),
+    /// The producer has nothing ready.
+    Pending,
+    /// The source completed.
+    End,
+}
+
+/// Stages the frames the producer has ready and the credit allows, until the batch
+/// must be written or something must be awaited. A producer that panics fails its
+/// own source only: what it made before the panic stays staged, then its ABORT.
+fn fill<S: AsyncRead + AsyncWrite + Unpin>(
+    child: &mut Child<S>,
+    source: &mut Source,
+) -> Result<Fill, Stop> {
+    let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+    let mut staged = || loop {
+        match source.poll_event(&mut cx) {
+            Poll::Pending => return Ok(Fill::Pending),
+            Poll::Ready(None) => return Ok(Fill::End),
+            Poll::Ready(Some(Event::Frame(f))) if child.back.allows(cost(f.len())) => {
+                if let Some(big) = child.stage(f)? {
+                    return Ok(Fill::Write(big));
+                }
+            }
+            Poll::Ready(Some(ev)) => return Ok(Fill::Slow(ev)),
+        }
+    };
+    // Only the producer can panic here (`stage` does not): the frames staged
+    // before its panic stay staged.
+    std::panic::catch_unwind(AssertUnwindSafe(&mut staged))
+        .unwrap_or_else(|p| Err(Stop::Failed(producer_panicked(&p))))
+}
+
+fn producer_panicked(p: &Box<dyn std::any::Any + Send>) -> Error {
+    Error::SourceFailed(format!("producer {}", panic_message(p)))
 }
 
 /// What [`Child::stage_now`] did with an event.
@@ -209,10 +250,7 @@ async fn next_event(source: &mut Source) -> Option<Event> {
     let next = poll_fn(|cx| source.poll_event(cx));
     match AssertUnwindSafe(next).catch_unwind().await {
         Ok(ev) => ev,
-        Err(p) => Some(Event::Failed(Error::SourceFailed(format!(
-            "producer {}",
-            panic_message(&p)
-        )))),
+        Err(p) => Some(Event::Failed(producer_panicked(&p))),
     }
 }
 

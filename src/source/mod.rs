@@ -319,6 +319,7 @@ impl Source {
     /// The next event of the source: a frame, its failure, a producer's flush, or
     /// `None` at its end. Used by the server's pump, which reports flushes and the
     /// outcome itself; [`poll_next`](Stream::poll_next) is this for a local consumer.
+    #[inline]
     pub(crate) fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
         let r = match &mut self.frames {
             Frames::Local(s) => ready!(s.as_mut().poll_next(cx)).map(Event::from),
@@ -327,13 +328,21 @@ impl Source {
             Frames::Remote(r) => ready!(r.poll_frame(cx)).map(Event::from),
             Frames::Done => None,
         };
-        match &r {
-            Some(Event::Frame(_) | Event::Sync(_)) => {}
-            // An error is the last item; after it (or the end) the source is done.
-            Some(Event::Failed(_)) => self.frames = Frames::Inline(VecDeque::new()),
-            None => self.frames = Frames::Done,
+        if !matches!(r, Some(Event::Frame(_) | Event::Sync(_))) {
+            self.ended(r.is_some());
         }
         Poll::Ready(r)
+    }
+
+    /// The source's last item was taken: a failure (`failed`) or the end. After it
+    /// the source is done.
+    #[cold]
+    fn ended(&mut self, failed: bool) {
+        self.frames = if failed {
+            Frames::Inline(VecDeque::new())
+        } else {
+            Frames::Done
+        };
     }
 
     /// Tells the watcher, if any, how the source ended.
@@ -361,6 +370,19 @@ impl Stream for Source {
     /// was taken), and the end or a failure is the outcome.
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
         let this = self.get_mut();
+        // A received source, per frame: straight from its reader, which handles the
+        // server's flushes itself.
+        if let Frames::Remote(r) = &mut this.frames {
+            return match ready!(r.poll_frame(cx)) {
+                Some(Ok(f)) => Poll::Ready(Some(Ok(f))),
+                Some(Err(e)) => Poll::Ready(this.failed(e)),
+                None => {
+                    this.ended(false);
+                    this.report(Outcome::Delivered);
+                    Poll::Ready(None)
+                }
+            };
+        }
         loop {
             return Poll::Ready(match ready!(this.poll_event(cx)) {
                 Some(Event::Frame(f)) => Some(Ok(f)),
@@ -369,16 +391,23 @@ impl Stream for Source {
                     let _ = tx.send(());
                     continue;
                 }
-                Some(Event::Failed(e)) => {
-                    this.report(Outcome::Failed(failure_reason(&e)));
-                    Some(Err(e))
-                }
+                Some(Event::Failed(e)) => this.failed(e),
                 None => {
                     this.report(Outcome::Delivered);
                     None
                 }
             });
         }
+    }
+}
+
+impl Source {
+    /// The source's failure, its last item, as the consumer gets it.
+    #[cold]
+    fn failed(&mut self, e: Error) -> Option<Result<Bytes>> {
+        self.ended(true);
+        self.report(Outcome::Failed(failure_reason(&e)));
+        Some(Err(e))
     }
 }
 

@@ -100,19 +100,33 @@ pub(crate) fn poll_ahead<R: ReadAhead>(r: &mut R, cx: &mut Context<'_>) -> Ahead
 }
 
 impl RemoteFrames {
+    /// The next frame; per frame, one decoded ahead is handed out inline.
+    #[inline]
     pub(super) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
+        match self.ahead.pop_front() {
+            Some(f) => Poll::Ready(Some(Ok(self.took(f, cx)))),
+            None => self.poll_more(cx),
+        }
+    }
+
+    /// The consumer takes `f`: its credit is counted, and written when due.
+    #[inline]
+    fn took(&mut self, f: Bytes, cx: &mut Context<'_>) -> Bytes {
+        if self.timer.is_some() {
+            self.timer = None;
+        }
+        self.grant.consumed(f.len());
+        if self.grant.has_output() {
+            // Credit that cannot go yet goes with a later poll.
+            let _ = self.poll_grant(cx);
+        }
+        f
+    }
+
+    #[inline(never)]
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes>>> {
         match poll_ahead(self, cx) {
-            Ahead::Item(f) => {
-                if self.timer.is_some() {
-                    self.timer = None;
-                }
-                self.grant.consumed(f.len());
-                if self.grant.has_output() {
-                    // Credit that cannot go yet goes with a later poll.
-                    let _ = self.poll_grant(cx);
-                }
-                Poll::Ready(Some(Ok(f)))
-            }
+            Ahead::Item(f) => Poll::Ready(Some(Ok(self.took(f, cx)))),
             Ahead::End(None) => {
                 // The consumer takes the end: the server learns the source was
                 // delivered before the stream is let go of.
