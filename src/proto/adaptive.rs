@@ -15,6 +15,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::frame::{FrameCodec, COMPRESSION_THRESHOLD, HEADER_LEN};
+use super::lz4;
 use crate::error::Result;
 
 /// Bytes at the start of a large frame compressed to decide whether the rest is worth it.
@@ -40,6 +41,9 @@ pub(crate) struct AdaptiveEncoder {
     wait: u64,
     /// The last try paid: compress the next frame whole, with no sample first.
     trusted: bool,
+    /// The last frame compressed [`lz4::LONG_RUNS`] times or better: the next one
+    /// goes through the long-run codec.
+    long_runs: bool,
 }
 
 impl AdaptiveEncoder {
@@ -50,6 +54,7 @@ impl AdaptiveEncoder {
             skip: 0,
             wait: MIN_WAIT,
             trusted: false,
+            long_runs: false,
         }
     }
 
@@ -70,16 +75,20 @@ impl AdaptiveEncoder {
             return self.codec.encode_plain(payload, dst);
         }
         if !self.trusted && len >= 2 * SAMPLE_LEN {
-            let sample = lz4_flex::block::compress(&payload[..SAMPLE_LEN]);
-            if !pays(SAMPLE_LEN, sample.len()) {
+            // Compressed no further than it would still pay.
+            let mut sample = BytesMut::new();
+            let bound = SAMPLE_LEN / 10 * 9;
+            let sampled = lz4::compress(&payload[..SAMPLE_LEN], &mut sample, bound, false);
+            if sampled.is_none() {
                 self.failed();
                 return self.codec.encode_plain(payload, dst);
             }
         }
         let start = dst.len();
-        if self.codec.try_compress(&payload, dst) {
+        if self.codec.try_compress(&payload, dst, self.long_runs) {
             // The wire body: the uncompressed length and the block.
             let body = dst.len() - start - HEADER_LEN;
+            self.long_runs = len / lz4::LONG_RUNS >= body;
             self.judge(pays(len, body));
             return Ok(None);
         }
@@ -98,6 +107,7 @@ impl AdaptiveEncoder {
 
     fn failed(&mut self) {
         self.trusted = false;
+        self.long_runs = false;
         self.skip = self.wait;
         self.wait = (self.wait * 2).min(MAX_WAIT);
     }

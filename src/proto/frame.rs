@@ -19,6 +19,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
+use super::lz4;
 use crate::error::{Error, Result};
 
 /// Default largest frame, compressed or not, in bytes: 100 MiB, as in Go's chanserv.
@@ -134,7 +135,7 @@ impl FrameCodec {
         self.check_len(payload.len())?;
         if self.compress
             && payload.len() >= COMPRESSION_THRESHOLD
-            && self.try_compress(payload, dst)
+            && self.try_compress(payload, dst, false)
         {
             return Ok(());
         }
@@ -202,20 +203,20 @@ impl FrameCodec {
     }
 
     /// Compresses into `dst`; false (and `dst` unchanged) when it would not be smaller.
-    pub(super) fn try_compress(&self, payload: &[u8], dst: &mut BytesMut) -> bool {
+    /// `long_runs`: the sender's last frames compressed very well (see `lz4`).
+    pub(super) fn try_compress(&self, payload: &[u8], dst: &mut BytesMut, long_runs: bool) -> bool {
         let start = dst.len();
-        let bound = lz4_flex::block::get_maximum_output_size(payload.len());
-        dst.resize(start + 2 * HEADER_LEN + bound, 0);
-        let body = &mut dst[start + 2 * HEADER_LEN..];
-        match lz4_flex::block::compress_into(payload, body) {
-            Ok(n) if n + HEADER_LEN < payload.len() => {
+        dst.extend_from_slice(&[0; 2 * HEADER_LEN]);
+        // Smaller than the payload, with its uncompressed length.
+        let max = payload.len().saturating_sub(HEADER_LEN + 1);
+        match lz4::compress(payload, dst, max, long_runs) {
+            Some(n) => {
                 let wire = (n + HEADER_LEN) as u32;
                 dst[start..start + 4].copy_from_slice(&(wire | FLAG_LZ4).to_le_bytes());
                 dst[start + 4..start + 8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-                dst.truncate(start + 2 * HEADER_LEN + n);
                 true
             }
-            _ => {
+            None => {
                 dst.truncate(start);
                 false
             }
@@ -301,17 +302,12 @@ impl FrameCodec {
                 "{ulen} bytes cannot come from a {block_len}-byte LZ4 block"
             )));
         }
-        let mut out = vec![0u8; ulen];
         let block = &src[2 * HEADER_LEN..HEADER_LEN + len];
-        match lz4_flex::block::decompress_into(block, &mut out) {
-            Ok(n) if n == ulen => {}
-            Ok(n) => {
-                return Err(Error::WrongUncompressedSize(format!(
-                    "header says {ulen} bytes, the block holds {n}"
-                )))
-            }
-            Err(e) => return Err(Error::Corrupt(e.to_string())),
-        }
+        let out = lz4::decompress(block, ulen).map_err(|e| match e {
+            lz4::DecodeError::TooShort { .. } => Error::WrongUncompressedSize(e.to_string()),
+            lz4::DecodeError::Other(m) => Error::Corrupt(m),
+            _ => Error::Corrupt(e.to_string()),
+        })?;
         src.advance(HEADER_LEN + len);
         Ok(Some(Item::Frame(Bytes::from(out))))
     }

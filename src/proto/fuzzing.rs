@@ -15,13 +15,13 @@ use super::link::{Control, Handshake, Open, Partial, Status, HANDSHAKE_LEN};
 pub use crate::mux::tls_records;
 
 /// How many decoders [`decode_all`] feeds.
-pub const DECODERS: usize = 9;
+pub const DECODERS: usize = 10;
 
 /// Feeds `data` to every decoder of the protocol: a request (its UPLOAD tag included),
 /// a master message (UPLOAD_STOP included), a child-stream prefix, a handshake, an
 /// open header (whole and byte by byte, as it is read), a status byte, a control
 /// message, the items of a chanserv stream (a child stream's, or an upload's), and
-/// the credit messages a client writes on a child stream.
+/// the credit messages a client writes on a child stream, and an LZ4 block.
 /// Whatever decodes must encode back to what was decoded. Returns how many decoded
 /// (at most [`DECODERS`]); a decoder that panics fails the fuzz target.
 pub fn decode_all(data: &[u8]) -> usize {
@@ -36,6 +36,7 @@ pub fn decode_all(data: &[u8]) -> usize {
         control(b),
         chanserv_stream(data),
         child_msgs(data),
+        super::lz4::fuzz_block(data),
     ]
     .into_iter()
     .filter(|ok| *ok)

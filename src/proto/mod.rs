@@ -6,6 +6,7 @@
 //!
 //! - [`frame`] — "Frames": the length prefix, the LZ4 flag, the END and ABORT words,
 //!   the limits. Public as `chanserv::frame`.
+//! - `lz4` — the LZ4 block format both ways, without zeroed buffers.
 //! - `adaptive` — when a sender compresses: LZ4 per frame only while it pays, per
 //!   source; the server's pump encodes with it.
 //! - `link` — "Links", "Stream open" and "Control stream": the handshake, a stream's
@@ -30,6 +31,7 @@ pub mod frame;
 #[cfg(fuzzing)]
 pub mod fuzzing;
 pub(crate) mod link;
+pub(crate) mod lz4;
 pub(crate) mod route;
 
 use bytes::{BufMut, BytesMut};
