@@ -162,17 +162,22 @@ async fn serve(o: &Opts) -> Result<(), BoxError> {
     let node = Node::new();
     let addr = node.listen(o.listen.as_deref().unwrap_or_default()).await?;
     let p = payload.clone();
-    let _service = Server::with_config(node.clone(), ServerConfig::default())
-        .listen_and_serve_async(SERVICE, move |req| {
-            let p = p.clone();
-            async move {
-                let (n, f) = decode(&req.body).ok_or("body: want N and F, two LE u64s")?;
-                if f == 0 || f > MAX_FRAME {
-                    return Err(format!("frame size {f} not in 1..={MAX_FRAME}").into());
-                }
-                Ok::<_, BoxError>(stream::iter([Source::new("wan", frames(p, n, f))]))
+    // The client's window (`--window`) is what is measured: the server does not bound
+    // the request's bytes in flight below it.
+    let _service = Server::with_config(
+        node.clone(),
+        ServerConfig::default().max_request_in_flight(usize::MAX),
+    )
+    .listen_and_serve_async(SERVICE, move |req| {
+        let p = p.clone();
+        async move {
+            let (n, f) = decode(&req.body).ok_or("body: want N and F, two LE u64s")?;
+            if f == 0 || f > MAX_FRAME {
+                return Err(format!("frame size {f} not in 1..={MAX_FRAME}").into());
             }
-        })?;
+            Ok::<_, BoxError>(stream::iter([Source::new("wan", frames(p, n, f))]))
+        }
+    })?;
     println!("ready chanserv {addr}");
     if let Some(raw) = &o.raw_listen {
         let listener = TcpListener::bind(raw).await?;

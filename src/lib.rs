@@ -104,7 +104,9 @@
 //! - **Backpressure end to end, in bytes.** A consumer that stops reading a source
 //!   stops its producer once the source's credit is used: 64 KiB to start, grown only
 //!   while the consumer waits on the link, within [`ClientConfig::receive_budget`]
-//!   (the bound is in [`ClientConfig`]'s "Memory"); other sources keep flowing.
+//!   (the bound is in [`ClientConfig`]'s "Memory"), and all the sources of one
+//!   request within [`ServerConfig::max_request_in_flight`]; other sources keep
+//!   flowing.
 //! - **Delivery confirmation.** [`SourceSender::flush`] resolves once the consumer
 //!   took every frame sent before it; [`Source::with_outcome`] and
 //!   [`SourceSender::finish`] report the source's [`Outcome`].

@@ -45,7 +45,11 @@ use crate::source::ReceiveBudget;
 /// reader reserves the whole frame once its header arrived, and its tail may still
 /// wait in yamux: with 64 KiB frames half the sources of `tests/memory.rs` were seen
 /// so). The server holds a source's frames that do not fit the credit in
-/// its producer (a channel's `capacity`), not in buffers.
+/// its producer (a channel's `capacity`), not in buffers. A chanserv server also
+/// bounds what one request's sources have in flight together
+/// ([`ServerConfig::max_request_in_flight`](crate::ServerConfig::max_request_in_flight)),
+/// so a request of many sources puts at most `max_request_in_flight +
+/// S × max(8 KiB, F + 4)` on the way to the client, whatever their windows.
 #[derive(Clone)]
 pub struct ClientConfig {
     pub(super) on_error: Option<ErrorFn>,

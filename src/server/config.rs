@@ -30,6 +30,7 @@ pub type MaxErrorMassFn =
 /// | `frame_write_timeout` | none |
 /// | `use_compression` | off |
 /// | `frame_size_limit` | 100 MiB |
+/// | `max_request_in_flight` | 16 MiB |
 ///
 /// # Memory
 ///
@@ -48,7 +49,9 @@ pub type MaxErrorMassFn =
 /// S × (8 KiB + 64 frames + task state) + L × send_queue
 /// ```
 ///
-/// beyond what its producers keep.
+/// beyond what its producers keep. What a request's sources have sent and their
+/// client has not consumed yet (held by the links and the client) is at most
+/// `max_request_in_flight + S × max(8 KiB, F + 4)` for frames of at most `F` bytes.
 #[derive(Clone)]
 pub struct ServerConfig {
     pub(super) on_error: Option<ErrorFn>,
@@ -63,6 +66,7 @@ pub struct ServerConfig {
     pub(super) frame_write_timeout: Option<Duration>,
     pub(super) compression: bool,
     pub(super) frame_size_limit: usize,
+    pub(super) max_request_in_flight: usize,
 }
 
 impl fmt::Debug for ServerConfig {
@@ -76,6 +80,7 @@ impl fmt::Debug for ServerConfig {
             .field("master_write_timeout", &self.master_write_timeout)
             .field("frame_write_timeout", &self.frame_write_timeout)
             .field("compression", &self.compression)
+            .field("max_request_in_flight", &self.max_request_in_flight)
             .finish_non_exhaustive()
     }
 }
@@ -95,6 +100,7 @@ impl Default for ServerConfig {
             frame_write_timeout: None,
             compression: false,
             frame_size_limit: FRAME_SIZE_LIMIT,
+            max_request_in_flight: 16 << 20,
         }
     }
 }
@@ -182,6 +188,19 @@ impl ServerConfig {
     #[must_use]
     pub fn use_compression(mut self, on: bool) -> Self {
         self.compression = on;
+        self
+    }
+    /// The most bytes (frames' cost, as credit counts them) all the sources of one
+    /// request may have sent and not yet seen consumed by the client. Each source is
+    /// also held to its own credit; this bounds their sum, so a request of a thousand
+    /// sources does not put a thousand initial windows (64 KiB each) in flight at
+    /// once. A source always has 8 KiB of its own beyond this, so one its consumer
+    /// waits on moves a batch per round trip even when the others hold the rest.
+    /// A single source over a long link needs this above its window
+    /// ([`ClientConfig::max_source_window`](crate::ClientConfig::max_source_window)).
+    #[must_use]
+    pub fn max_request_in_flight(mut self, bytes: usize) -> Self {
+        self.max_request_in_flight = bytes;
         self
     }
     /// Largest frame sent or accepted (see [`FrameCodec::with_limit`]).

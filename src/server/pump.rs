@@ -11,6 +11,7 @@
 //! reached yet is bounded by the link's slots.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -23,7 +24,7 @@ use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
-use super::credit::Back;
+use super::credit::{Back, InFlight};
 use super::stats::{Counters, SourceEnd};
 use super::{panic_message, with_timeout, Caught, Ctx, WRITE_BATCH};
 use crate::error::{Error, Result, Timeout};
@@ -49,6 +50,8 @@ pub(super) struct Pump<M> {
     pub(super) reply: String,
     pub(super) req_id: u64,
     pub(super) id: u32,
+    /// What the request's sources have in flight together.
+    pub(super) inflight: Arc<InFlight>,
 }
 
 /// Why a source's frames stopped before it completed.
@@ -97,7 +100,7 @@ impl<M: Multiplexer> Pump<M> {
             s,
             enc: AdaptiveEncoder::new(self.ctx.codec()),
             wbuf: BytesMut::new(),
-            back: Back::new(),
+            back: Back::new(self.inflight.clone()),
             timeout: self.ctx.cfg.frame_write_timeout,
             stats: self.ctx.stats.clone(),
             key: (self.req_id, self.id),
@@ -327,11 +330,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Child<S> {
     /// listed in the service's stats.
     async fn wait_credit(&mut self, cost: u64) -> Result<()> {
         let _blocked = self.stats.blocked(self.key, &self.client);
+        let inflight = self.back.inflight().clone();
         let (s, back) = (&mut self.s, &mut self.back);
-        let credit = poll_fn(|cx| match back.poll_gone(s, cx) {
-            Poll::Ready(e) => Poll::Ready(Err(e)),
-            Poll::Pending if back.allows(cost) => Poll::Ready(Ok(())),
-            Poll::Pending => Poll::Pending,
+        let mut freed = std::pin::pin!(inflight.freed());
+        let credit = poll_fn(|cx| loop {
+            if let Poll::Ready(e) = back.poll_gone(s, cx) {
+                return Poll::Ready(Err(e));
+            }
+            if back.allows(cost) {
+                return Poll::Ready(Ok(()));
+            }
+            // Woken too when the request's other sources free bytes in flight.
+            match freed.as_mut().poll(cx) {
+                Poll::Ready(()) => freed.set(inflight.freed()),
+                Poll::Pending => return Poll::Pending,
+            }
         });
         with_timeout(self.timeout, Timeout::FrameWrite, credit).await
     }
@@ -351,7 +364,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Child<S> {
         if self.wbuf.capacity() < HEADER_ROOM {
             self.wbuf.reserve(WRITE_BATCH + HEADER_ROOM);
         }
-        self.back.sent += cost(f.len());
+        self.back.staged(cost(f.len()));
         // A frame the codec refuses (over the limit) fails the source: the client is
         // told why instead of waiting for frames that never come.
         let big = self

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::credit::InFlight;
 use super::halves::{self, WriteHalf};
 use super::pump::Pump;
 use super::upload::{read_master, Phase};
@@ -144,6 +145,7 @@ async fn announce_all<M: Multiplexer>(
         Err(p) => return master.fail(Error::SourceFunc(panic_message(&p))).await,
     };
     let serving_deadline = ctx.cfg.serving_timeout.map(|t| Instant::now() + t);
+    let inflight = Arc::new(InFlight::new(ctx.cfg.max_request_in_flight));
     let mut next_id = 0u32;
     loop {
         let item = match sources.next().now_or_never() {
@@ -160,7 +162,7 @@ async fn announce_all<M: Multiplexer>(
         next_id = next_id
             .checked_add(1)
             .ok_or_else(|| Error::SourceFunc("more than 2^32 sources in one request".into()))?;
-        if let Some(pump) = announce(ctx, source, id, req, &mut master.wbuf)? {
+        if let Some(pump) = announce(ctx, source, id, req, &inflight, &mut master.wbuf)? {
             // The receiver lives as long as this request's task.
             drop(pumps.send(pump));
         }
@@ -297,6 +299,7 @@ fn announce<M: Multiplexer>(
     source: Source,
     id: u32,
     req: &RequestMsg,
+    inflight: &Arc<InFlight>,
     wbuf: &mut BytesMut,
 ) -> Result<Option<PumpFuture>> {
     let mut source = Caught::new(source);
@@ -358,6 +361,7 @@ fn announce<M: Multiplexer>(
         reply: req.reply.clone(),
         req_id: req.id,
         id,
+        inflight: inflight.clone(),
     };
     let span = tracing::debug_span!("source", source = id);
     Ok(Some(Box::pin(pump.run().instrument(span))))

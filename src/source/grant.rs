@@ -161,7 +161,10 @@ impl Grant {
             self.passed_block = true;
         }
         if starving && std::mem::take(&mut self.passed_block) {
-            due |= self.grow();
+            // The server waits for credit and the consumer took all it had: say so
+            // even when the window cannot grow (the server's own bound on what a
+            // request has in flight may be what held it back).
+            due |= self.grow() || self.consumed > self.reported;
         }
         if due && !self.done {
             self.reported = self.consumed;
@@ -304,6 +307,22 @@ mod tests {
         assert_eq!(budget.used(), INITIAL_WINDOW.into());
         drop(g);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn starving_past_a_block_reports_what_was_taken_even_without_growth() {
+        let (mut g, _) = grant(0);
+        g.decoded_frame(100);
+        g.decoded_blocked();
+        g.consumed(100);
+        g.starving();
+        let c = ChildMsg::Credit {
+            consumed: 104,
+            window: INITIAL_WINDOW,
+        };
+        assert_eq!(sent(&mut g), vec![c], "the server waits for this");
+        g.starving();
+        assert!(sent(&mut g).is_empty(), "nothing new taken: nothing to say");
     }
 
     #[test]
