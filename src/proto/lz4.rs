@@ -45,14 +45,19 @@ pub(crate) enum DecodeError {
 /// its limit). The output never grows past `ulen`, whatever the block says.
 pub(crate) fn decompress(block: &[u8], ulen: usize) -> Result<Vec<u8>, DecodeError> {
     if ulen / LONG_RUNS < block.len() {
-        let mut out = vec![0; ulen];
-        return match lz4_flex::block::decompress_into(block, &mut out) {
-            Ok(n) if n == ulen => Ok(out),
-            Ok(n) => Err(DecodeError::TooShort { got: n, want: ulen }),
-            Err(e) => Err(DecodeError::Other(e.to_string())),
-        };
+        return decompress_flex(block, ulen);
     }
     decompress_runs(block, ulen)
+}
+
+/// [`decompress`] with `lz4_flex`, into a zeroed buffer of `ulen` bytes.
+fn decompress_flex(block: &[u8], ulen: usize) -> Result<Vec<u8>, DecodeError> {
+    let mut out = vec![0; ulen];
+    match lz4_flex::block::decompress_into(block, &mut out) {
+        Ok(n) if n == ulen => Ok(out),
+        Ok(n) => Err(DecodeError::TooShort { got: n, want: ulen }),
+        Err(e) => Err(DecodeError::Other(e.to_string())),
+    }
 }
 
 /// [`decompress`] for a block of long matches.
@@ -162,79 +167,76 @@ pub(crate) fn compress(
     long_runs: bool,
 ) -> Option<usize> {
     let start = dst.len();
-    if !long_runs {
-        dst.resize(
-            start + lz4_flex::block::get_maximum_output_size(input.len()),
-            0,
-        );
-        return match lz4_flex::block::compress_into(input, &mut dst[start..]) {
-            Ok(n) if n <= max => {
-                dst.truncate(start + n);
-                Some(n)
-            }
-            _ => {
-                dst.truncate(start);
-                None
-            }
-        };
-    }
-    let r = if input.len() <= 16 * 1024 {
-        Compressor::<1024>::run(input, dst, start + max)
+    let fits = if !long_runs {
+        compress_flex(input, dst, start + max)
+    } else if input.len() <= 16 * 1024 {
+        compress_runs::<1024>(input, dst, start + max)
     } else {
-        Compressor::<4096>::run(input, dst, start + max)
+        compress_runs::<4096>(input, dst, start + max)
     };
-    match r {
-        Some(()) => Some(dst.len() - start),
-        None => {
-            dst.truncate(start);
-            None
-        }
+    if fits {
+        Some(dst.len() - start)
+    } else {
+        dst.truncate(start);
+        None
     }
 }
 
-/// A greedy single-pass compressor with a hash table of `N` positions (a power of
-/// two), as LZ4's fast mode: it skips ahead faster the longer it finds no match.
-struct Compressor<const N: usize>;
+/// Appends `input` compressed by `lz4_flex`; false when `dst` then exceeds `limit`.
+fn compress_flex(input: &[u8], dst: &mut BytesMut, limit: usize) -> bool {
+    let start = dst.len();
+    dst.resize(
+        start + lz4_flex::block::get_maximum_output_size(input.len()),
+        0,
+    );
+    match lz4_flex::block::compress_into(input, &mut dst[start..]) {
+        Ok(n) => {
+            dst.truncate(start + n);
+            dst.len() <= limit
+        }
+        Err(_) => false,
+    }
+}
 
-impl<const N: usize> Compressor<N> {
-    fn run(input: &[u8], dst: &mut BytesMut, limit: usize) -> Option<()> {
-        let n = input.len();
-        let mut anchor = 0;
-        if n > MF_LIMIT {
-            let mut table = [0u32; N];
-            let search_end = n - MF_LIMIT;
-            let match_end = n - LAST_LITERALS;
-            let mut i = 1;
-            while i < search_end {
-                let seq = read_u32(input, i);
-                let h = hash::<N>(seq);
-                let cand = table[h] as usize;
-                table[h] = i as u32;
-                if i - cand > MAX_OFFSET || read_u32(input, cand) != seq {
-                    i += 1 + ((i - anchor) >> 6);
-                    continue;
-                }
-                let (mut at, mut from) = (i, cand);
-                while at > anchor && from > 0 && input[at - 1] == input[from - 1] {
-                    at -= 1;
-                    from -= 1;
-                }
-                let len =
-                    i - at + MIN_MATCH + same(input, cand + MIN_MATCH, i + MIN_MATCH, match_end);
-                emit(dst, input, anchor..at, at - from, len);
-                if dst.len() > limit {
-                    return None;
-                }
-                i = at + len;
-                anchor = i;
-                if i < search_end {
-                    table[hash::<N>(read_u32(input, i - 2))] = (i - 2) as u32;
-                }
+/// The long-run compressor: greedy, single pass, with a hash table of `N` positions
+/// (a power of two), as LZ4's fast mode (it skips ahead faster the longer it finds no
+/// match). False as soon as `dst` exceeds `limit`.
+fn compress_runs<const N: usize>(input: &[u8], dst: &mut BytesMut, limit: usize) -> bool {
+    let n = input.len();
+    let mut anchor = 0;
+    if n > MF_LIMIT {
+        let mut table = [0u32; N];
+        let search_end = n - MF_LIMIT;
+        let match_end = n - LAST_LITERALS;
+        let mut i = 1;
+        while i < search_end {
+            let seq = read_u32(input, i);
+            let h = hash::<N>(seq);
+            let cand = table[h] as usize;
+            table[h] = i as u32;
+            if i - cand > MAX_OFFSET || read_u32(input, cand) != seq {
+                i += 1 + ((i - anchor) >> 6);
+                continue;
+            }
+            let (mut at, mut from) = (i, cand);
+            while at > anchor && from > 0 && input[at - 1] == input[from - 1] {
+                at -= 1;
+                from -= 1;
+            }
+            let len = i - at + MIN_MATCH + same(input, cand + MIN_MATCH, i + MIN_MATCH, match_end);
+            emit(dst, input, anchor..at, at - from, len);
+            if dst.len() > limit {
+                return false;
+            }
+            i = at + len;
+            anchor = i;
+            if i < search_end {
+                table[hash::<N>(read_u32(input, i - 2))] = (i - 2) as u32;
             }
         }
-        emit_last(dst, &input[anchor..]);
-        (dst.len() <= limit).then_some(())
     }
+    emit_last(dst, &input[anchor..]);
+    dst.len() <= limit
 }
 
 #[inline]
@@ -321,12 +323,8 @@ pub(crate) fn fuzz_block(data: &[u8]) -> bool {
     };
     let ulen = usize::from(len[0]) | usize::from(len[1]) << 8 | usize::from(len[2]) << 16;
     let ours = decompress_runs(block, ulen);
-    let mut theirs = vec![0; ulen];
-    let theirs = match lz4_flex::block::decompress_into(block, &mut theirs) {
-        Ok(n) if n == ulen => Some(theirs),
-        _ => None,
-    };
-    if let (Ok(o), Some(t)) = (&ours, &theirs) {
+    let theirs = decompress_flex(block, ulen);
+    if let (Ok(o), Ok(t)) = (&ours, &theirs) {
         assert_eq!(o, t, "the two decoders disagree");
     }
     let Ok(out) = ours else {

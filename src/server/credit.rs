@@ -53,6 +53,10 @@ impl InFlight {
     }
 
     fn sub(&self, n: u64) {
+        if n == 0 {
+            // A source that ends with everything consumed frees nothing.
+            return;
+        }
         self.now.fetch_sub(n, Ordering::Relaxed);
         self.freed.notify_waiters();
     }
